@@ -1,0 +1,257 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted `key=value` overrides, validation.
+
+Every error a user can make in a config raises `ConfigError` with a one-line message that names the
+key and the fix; the CLI prints that line and exits with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from scope_mega.data.countdown import TaskConfig
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message is one line and says how to fix it."""
+
+
+@dataclass
+class FP8Config:
+    """Transformer Engine FP8 settings, passed through to Megatron's TransformerConfig."""
+
+    enabled: bool = False
+    format: Literal["e4m3", "hybrid"] = "hybrid"
+    recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    amax_history_len: int = 1024
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    margin: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The architecture comes from a Hugging Face config: a dict (with `model_type`) or a directory path."""
+
+    hf_config: dict[str, Any] | str = field(default_factory=dict)
+    transformer_impl: Literal["auto", "local", "te"] = "auto"
+    params_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    fp8: FP8Config = field(default_factory=FP8Config)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1  # context parallel: reserved, only 1 is supported today
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 0  # steps between saves; 0 saves only at the end
+    keep_last: int = 2
+    resume: bool = True  # pick up `<run_dir>/checkpoints/latest` when present
+    load_weights: str | None = None  # initialise model weights from this checkpoint directory
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm-start on solver-written solutions of the toy task."""
+
+    steps: int = 300
+    global_batch_size: int = 32
+    micro_batch_size: int = 16
+    num_train_problems: int = 4000
+    num_eval_problems: int = 200
+    eval_interval: int = 0  # 0: evaluate only at the end
+    tokenizer_vocab_size: int = 64
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/demo"
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_interval: int = 10
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+# ----------------------------------------------------------------------------- building from dicts
+
+
+def _did_you_mean(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise ConfigError(f"{path} must be one of {choices}, got {value!r}")
+        return value
+    if origin in (dict, list, tuple):
+        if not isinstance(value, origin if origin is not tuple else (list, tuple)):
+            raise ConfigError(f"{path} must be a {origin.__name__}, got {value!r}")
+        return tuple(value) if origin is tuple else value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{path}: unsupported config type {tp}")
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys with a did-you-mean."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'{_did_you_mean(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: '{part}' is not a mapping")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file, apply dotted overrides, build and validate a `RunConfig`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must contain a mapping at the top level")
+    cfg = from_dict(RunConfig, apply_overrides(data, list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that need the resolved architecture (heads vs TP, layers vs PP, FP8 vs TE)."""
+    from scope_mega.models.arch import load_hf_config
+
+    par = cfg.parallel
+    for name in ("tp", "pp", "cp"):
+        if getattr(par, name) < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(par, name)}")
+    if par.cp != 1:
+        raise ConfigError("parallel.cp > 1 (context parallel) is not supported yet; set parallel.cp=1")
+    hf = load_hf_config(cfg.model.hf_config)
+    heads, kv = hf.num_attention_heads, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    if heads % par.tp:
+        raise ConfigError(
+            f"parallel.tp={par.tp} does not divide num_attention_heads={heads}; choose a divisor of {heads}"
+        )
+    if kv % par.tp:
+        raise ConfigError(
+            f"parallel.tp={par.tp} does not divide num_key_value_heads={kv} (KV groups); "
+            f"choose a divisor of {kv}"
+        )
+    if hf.num_hidden_layers % par.pp:
+        raise ConfigError(
+            f"parallel.pp={par.pp} does not divide num_hidden_layers={hf.num_hidden_layers}; "
+            f"choose a divisor of {hf.num_hidden_layers}"
+        )
+    from scope_mega.models.arch import check_transformer_impl
+    from scope_mega.runtime.distributed import resolve_device
+
+    try:
+        device = resolve_device(cfg.device)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
+    check_transformer_impl(cfg.model, device)
+    if cfg.sft.global_batch_size % cfg.sft.micro_batch_size:
+        raise ConfigError(
+            f"sft.global_batch_size={cfg.sft.global_batch_size} is not a multiple of "
+            f"sft.micro_batch_size={cfg.sft.micro_batch_size}"
+        )

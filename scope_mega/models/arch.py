@@ -1,0 +1,189 @@
+"""Hugging Face architecture config -> Megatron `TransformerConfig` for the supported families.
+
+One place decides how an HF config maps onto Megatron: GQA (`num_query_groups`), head dim, RMSNorm
+epsilon, SwiGLU, QKV bias (Qwen2), q/k norm (Qwen3), RoPE base and Llama-3.1 rope scaling, tied
+embeddings, TP vocab padding, and the layer implementation (local or Transformer Engine).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from scope_mega.config import ConfigError, ModelConfig, ParallelConfig
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def load_hf_config(source: dict[str, Any] | str | Path) -> transformers.PretrainedConfig:
+    """An HF config from an inline dict (must name `model_type`) or a local directory / config.json."""
+    if isinstance(source, dict):
+        if "model_type" not in source:
+            raise ConfigError("model.hf_config must name a model_type, e.g. model_type: llama")
+        data = dict(source)
+        family = data.pop("model_type")
+        _check_family(family)
+        return transformers.AutoConfig.for_model(family, **data)
+    path = Path(source)
+    if path.is_file():
+        path = path.parent
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.hf_config: no config.json in {path}")
+    hf = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    _check_family(hf.model_type)
+    return hf
+
+
+def _check_family(family: str) -> None:
+    if family not in SUPPORTED_FAMILIES:
+        raise ConfigError(f"unsupported architecture '{family}'; supported: {', '.join(SUPPORTED_FAMILIES)}")
+
+
+def head_dim(hf: transformers.PretrainedConfig) -> int:
+    return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+
+
+def num_kv_heads(hf: transformers.PretrainedConfig) -> int:
+    return getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+
+
+def has_qkv_bias(hf: transformers.PretrainedConfig) -> bool:
+    """Qwen2 always has a QKV bias; Llama/Mistral/Qwen3 only with `attention_bias: true`."""
+    return hf.model_type == "qwen2" or bool(getattr(hf, "attention_bias", False))
+
+
+def has_qk_norm(hf: transformers.PretrainedConfig) -> bool:
+    return hf.model_type == "qwen3"
+
+
+def rope_theta(hf: transformers.PretrainedConfig) -> float:
+    params = getattr(hf, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
+
+
+def rope_scaling(hf: transformers.PretrainedConfig) -> dict[str, Any] | None:
+    """The rope scaling dict, or None for plain RoPE (transformers 5 keeps it in `rope_parameters`)."""
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ConfigError(f"rope scaling type '{kind}' is not supported; supported: llama3")
+    return dict(params)
+
+
+def llama3_inv_freq(base: float, dim: int, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama-3.1 frequency scaling with the checkpoint's own factors (Megatron hard-codes 1/4/8192)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Vocab rounded up so every TP rank holds an equal, `divisible_by`-aligned slice."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def check_transformer_impl(model: ModelConfig, device: torch.device) -> str:
+    """Resolve `transformer_impl` (auto|local|te); reject TE or FP8 where Transformer Engine can't run."""
+    te_ok = device.type == "cuda" and _te_importable()
+    impl = model.transformer_impl
+    if impl == "auto":
+        impl = "te" if te_ok else "local"
+    if impl == "te" and not te_ok:
+        raise ConfigError(
+            "model.transformer_impl=te needs Transformer Engine on a CUDA device "
+            "(pip install 'scope-mega[gpu]' on a GPU node), or set model.transformer_impl=local"
+        )
+    if model.fp8.enabled and impl != "te":
+        raise ConfigError(
+            "model.fp8.enabled needs Transformer Engine on a CUDA device "
+            "(pip install 'scope-mega[gpu]' and transformer_impl=te/auto), or set model.fp8.enabled=false"
+        )
+    return impl
+
+
+def _te_importable() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
+    if model.params_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, model.params_dtype)
+
+
+def transformer_config(
+    hf: transformers.PretrainedConfig,
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    device: torch.device,
+):
+    """Megatron `TransformerConfig` equivalent to `hf` under the given parallel layout."""
+    from megatron.core.transformer import TransformerConfig
+
+    window = getattr(hf, "sliding_window", None)
+    windowed = hf.model_type == "mistral" or getattr(hf, "use_sliding_window", False)
+    if windowed and window is not None and window < hf.max_position_embeddings:
+        raise ConfigError(
+            f"sliding-window attention (sliding_window={window}) is not supported; "
+            "set sliding_window: null (exact for sequences up to the window)"
+        )
+    dtype = resolve_dtype(model, device)
+    fp8 = model.fp8
+    return TransformerConfig(
+        num_layers=hf.num_hidden_layers,
+        hidden_size=hf.hidden_size,
+        ffn_hidden_size=hf.intermediate_size,
+        num_attention_heads=hf.num_attention_heads,
+        num_query_groups=num_kv_heads(hf),
+        kv_channels=head_dim(hf),
+        normalization="RMSNorm",
+        layernorm_epsilon=hf.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=has_qkv_bias(hf),
+        qk_layernorm=has_qk_norm(hf),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=device.type == "cpu",
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        calculate_per_token_loss=True,
+        fp8=fp8.format if fp8.enabled else None,
+        fp8_recipe=fp8.recipe,
+        fp8_amax_history_len=fp8.amax_history_len,
+        fp8_amax_compute_algo=fp8.amax_compute_algo,
+        fp8_margin=fp8.margin,
+    )
