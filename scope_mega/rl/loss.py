@@ -1,0 +1,226 @@
+"""The one policy loss: PPO-clipped on-policy tokens, shaped or clipped off-policy (guide) tokens,
+optional KL to a reference, entropy bonus and truncated importance sampling (TIS).
+
+Conventions (all per-token tensors are ``[B, S]`` and aligned to target tokens):
+``logprobs[b, t]`` is log p(token t | tokens < t) under the current policy (with grad);
+``old_logprobs`` the same under the trainer's policy that produced the batch (no grad);
+``advantages`` the per-token advantage (see ``advantages.token_advantages``).
+``on_policy_mask`` marks the model's own response tokens (for a SCOPE-salvaged trajectory: its kept
+prefix), ``off_policy_mask`` the guide's tokens; prompt and padding tokens are in neither, and the
+masks must be disjoint. Values outside the masks are never used, so they may be garbage (even inf).
+A "sequence" (for ``seq_mean`` and ``seq_sum_constant``) is a row with at least one response token;
+all-empty rows (batch padding) count for nothing.
+
+Normaliser contract: ``policy_loss`` returns ``(loss_sum, normaliser)`` and the optimised loss is
+``sum(loss_sum) / sum(normaliser)`` over all micro-batches and data-parallel ranks. This is exactly
+what Megatron-Core does with ``calculate_per_token_loss=True``: the loss function returns
+``(loss_sum, normaliser, ...)``, the schedule backpropagates ``loss_sum`` unscaled and adds
+``normaliser`` into an int32 counter, and ``finalize_model_grads`` all-reduces the counter over DP
+and scales the gradients by its inverse. Hence the normaliser is an int32 0-dim tensor. Each
+sequence must be whole on one rank (context parallelism would split it and break ``seq_mean``).
+"""
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+Aggregation = Literal["token_mean", "seq_mean", "seq_sum_constant"]
+KLEstimator = Literal["k1", "k2", "k3"]
+OffPolicyMode = Literal["shaping", "clip"]
+
+Metrics = dict[str, tuple[Tensor, Tensor]]
+
+
+@dataclass
+class PolicyLossConfig:
+    """Loss choices (DESIGN.md section 4); defaults are SCOPE's.
+
+    clip_low, clip_high: PPO ratio clipped to [1 - clip_low, 1 + clip_high]; clip-higher (DAPO) is
+        clip_high > clip_low.
+    aggregation: "token_mean" (sum over all response tokens / their number), "seq_mean" (mean of the
+        per-sequence token means), "seq_sum_constant" (Dr.GRPO: token sum / (num sequences * max_len)).
+    max_len: the constant per-sequence token count for "seq_sum_constant" (Dr.GRPO uses the
+        generation limit); required there, unused otherwise.
+    kl_coef, kl_estimator: weight and estimator of KL(policy || reference) over response tokens.
+    entropy_coef: weight of the entropy bonus (subtracted from the loss).
+    tis_cap: when set, on-policy terms are weighted by min(exp(old - rollout), tis_cap), correcting
+        the mismatch between the rollout engine's logprobs and the trainer's.
+    off_policy: "shaping" -> loss -A * f(p), f(p) = p / (p + shaping_gamma), no clipping (LUFFY);
+        "clip" -> PPO surrogate on the ratio p / p_guide, clipped to 1 -/+ off_policy_clip.
+    """
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    aggregation: Aggregation = "token_mean"
+    max_len: int | None = None
+    kl_coef: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    entropy_coef: float = 0.0
+    tis_cap: float | None = None
+    off_policy: OffPolicyMode = "shaping"
+    shaping_gamma: float = 0.1
+    off_policy_clip: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("aggregation", self.aggregation, get_args(Aggregation)),
+            ("kl_estimator", self.kl_estimator, get_args(KLEstimator)),
+            ("off_policy", self.off_policy, get_args(OffPolicyMode)),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        for name, value in (("clip_low", self.clip_low), ("off_policy_clip", self.off_policy_clip)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if self.clip_high < 0:
+            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.shaping_gamma <= 0:
+            raise ValueError(f"shaping_gamma must be > 0, got {self.shaping_gamma}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
+        if self.aggregation == "seq_sum_constant" and (self.max_len is None or self.max_len <= 0):
+            raise ValueError(f"aggregation 'seq_sum_constant' needs max_len > 0, got {self.max_len}")
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator) -> Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled-token logprobs (Schulman's k1/k2/k3)."""
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r**2
+    return torch.exp(log_r) - log_r - 1.0
+
+
+def _ppo_surrogate(ratio: Tensor, adv: Tensor, low: float, high: float) -> Tensor:
+    """Per-token PPO loss -min(ratio * A, clip(ratio, 1 - low, 1 + high) * A)."""
+    return torch.maximum(-ratio * adv, -torch.clamp(ratio, 1.0 - low, 1.0 + high) * adv)
+
+
+def _clipped(ratio: Tensor, adv: Tensor, mask: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
+    """Masks of tokens whose gradient the clip removes, at the low and at the high bound."""
+    return mask & (adv < 0) & (ratio < 1.0 - low), mask & (adv > 0) & (ratio > 1.0 + high)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    on_policy_mask: Tensor,
+    off_policy_mask: Tensor,
+    cfg: PolicyLossConfig,
+    *,
+    ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    guide_logprobs: Tensor | None = None,
+    entropy: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Metrics]:
+    """Loss of one micro-batch as ``(loss_sum, normaliser, metrics)`` (see the module docstring).
+
+    ref_logprobs: reference-model logprobs; needed when ``kl_coef > 0``, else only logged.
+    rollout_logprobs: the rollout engine's logprobs of on-policy tokens; needed when ``tis_cap`` is
+        set, else only logged (mismatch).
+    guide_logprobs: the guide's logprobs of off-policy tokens; needed when ``off_policy == "clip"``.
+    entropy: per-token policy entropy (with grad); needed when ``entropy_coef != 0``, else logged.
+
+    metrics: name -> (sum, count), detached float 0-dim tensors, so micro-batches and ranks
+    aggregate by summing both before dividing. Keys always present: clip_frac_low, clip_frac_high,
+    ratio (on-policy tokens), off_policy_frac (over response tokens), off_policy_prob (mean p over
+    guide tokens); with their inputs: kl, entropy, rollout_mismatch (mean |old - rollout|),
+    tis_trunc_frac, off_clip_frac (off_policy == "clip").
+    """
+    shape = logprobs.shape
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [B, S], got shape {tuple(shape)}")
+    named = {
+        "old_logprobs": old_logprobs,
+        "advantages": advantages,
+        "on_policy_mask": on_policy_mask,
+        "off_policy_mask": off_policy_mask,
+        "ref_logprobs": ref_logprobs,
+        "rollout_logprobs": rollout_logprobs,
+        "guide_logprobs": guide_logprobs,
+        "entropy": entropy,
+    }
+    for name, tensor in named.items():
+        if tensor is not None and tensor.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, logprobs has {tuple(shape)}")
+    if cfg.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs")
+    if cfg.entropy_coef != 0 and entropy is None:
+        raise ValueError("entropy_coef != 0 needs entropy")
+    if cfg.tis_cap is not None and rollout_logprobs is None:
+        raise ValueError("tis_cap needs rollout_logprobs")
+    if cfg.off_policy == "clip" and guide_logprobs is None:
+        raise ValueError("off_policy='clip' needs guide_logprobs")
+
+    on = on_policy_mask.bool()
+    off = off_policy_mask.bool()
+    if (on & off).any():
+        raise ValueError(f"on- and off-policy masks overlap on {int((on & off).sum())} tokens")
+    resp = on | off
+
+    # Every nonlinearity sees 0 outside its mask, so garbage there cannot give inf/NaN gradients.
+    def masked(x: Tensor, mask: Tensor) -> Tensor:
+        return torch.where(mask, x, 0.0)
+
+    adv = masked(advantages.detach(), resp)
+    old = old_logprobs.detach()
+    metrics: Metrics = {}
+
+    ratio = torch.exp(masked(logprobs - old, on))
+    on_loss = _ppo_surrogate(ratio, adv, cfg.clip_low, cfg.clip_high)
+    if rollout_logprobs is not None:
+        mismatch = masked(old - rollout_logprobs.detach(), on)
+        metrics["rollout_mismatch"] = (mismatch.abs().sum(), on.sum())
+        if cfg.tis_cap is not None:
+            weight = torch.exp(mismatch)
+            metrics["tis_trunc_frac"] = ((on & (weight > cfg.tis_cap)).sum(), on.sum())
+            on_loss = on_loss * torch.clamp(weight, max=cfg.tis_cap)
+
+    p_off = torch.exp(masked(logprobs, off))
+    if cfg.off_policy == "shaping":
+        off_loss = -adv * p_off / (p_off + cfg.shaping_gamma)
+    else:
+        off_ratio = torch.exp(masked(logprobs - guide_logprobs.detach(), off))
+        off_loss = _ppo_surrogate(off_ratio, adv, cfg.off_policy_clip, cfg.off_policy_clip)
+        low, high = _clipped(off_ratio.detach(), adv, off, cfg.off_policy_clip, cfg.off_policy_clip)
+        metrics["off_clip_frac"] = ((low | high).sum(), off.sum())
+
+    token_loss = masked(on_loss, on) + masked(off_loss, off)
+
+    if ref_logprobs is not None:
+        # Both inputs are 0 outside the response, where every estimator is then exactly 0.
+        kl = kl_penalty(masked(logprobs, resp), masked(ref_logprobs.detach(), resp), cfg.kl_estimator)
+        metrics["kl"] = (kl.detach().sum(), resp.sum())
+        if cfg.kl_coef > 0:
+            token_loss = token_loss + cfg.kl_coef * kl
+    if entropy is not None:
+        ent = masked(entropy, resp)
+        metrics["entropy"] = (ent.detach().sum(), resp.sum())
+        if cfg.entropy_coef != 0:
+            token_loss = token_loss - cfg.entropy_coef * ent
+
+    low, high = _clipped(ratio.detach(), adv, on, cfg.clip_low, cfg.clip_high)
+    metrics["clip_frac_low"] = (low.sum(), on.sum())
+    metrics["clip_frac_high"] = (high.sum(), on.sum())
+    metrics["ratio"] = (masked(ratio.detach(), on).sum(), on.sum())
+    metrics["off_policy_frac"] = (off.sum(), resp.sum())
+    metrics["off_policy_prob"] = (masked(p_off.detach(), off).sum(), off.sum())
+
+    seq_tokens = resp.sum(dim=1)
+    num_seqs = (seq_tokens > 0).sum()
+    if cfg.aggregation == "token_mean":
+        loss_sum, normaliser = token_loss.sum(), resp.sum()
+    elif cfg.aggregation == "seq_mean":
+        loss_sum = (token_loss.sum(dim=1) / seq_tokens.clamp(min=1)).sum()
+        normaliser = num_seqs
+    else:
+        loss_sum, normaliser = token_loss.sum(), num_seqs * cfg.max_len
+
+    metrics = {k: (s.detach().float(), c.detach().float()) for k, (s, c) in metrics.items()}
+    return loss_sum, normaliser.to(torch.int32), metrics
