@@ -87,7 +87,7 @@ class SFTConfig:
     num_train_problems: int = 4000
     num_eval_problems: int = 200
     eval_interval: int = 0  # 0: evaluate only at the end
-    tokenizer_vocab_size: int = 64
+    tokenizer_vocab_size: int = 128
 
 
 @dataclass
@@ -172,7 +172,10 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key '{full}'{_did_you_mean(key, names)}")
         kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path or cls.__name__}: {e}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

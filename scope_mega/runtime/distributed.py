@@ -125,11 +125,12 @@ def seed_all(seed: int, device: torch.device) -> None:
         seed_cpu_rng_tracker(seed, tp_rank)
 
 
-def destroy_distributed() -> None:
-    """Tear down Megatron groups and the default process group (tests run several layouts per process)."""
+def destroy_distributed(keep_process_group: bool = False) -> None:
+    """Tear down Megatron's groups, and the default process group unless `keep_process_group`
+    (so one set of processes can run several parallel layouts in turn)."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()

@@ -1,0 +1,54 @@
+"""`scope-mega` command line: `sft`, and the other stages as they land.
+
+Config mistakes print one line (`config error: ...`) and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from scope_mega.config import ConfigError, load_config
+
+CONFIG_ERROR_EXIT_CODE = 2
+
+
+def _add_run_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("config", help="YAML config file (see examples/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 parallel.tp=2")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
+    return p
+
+
+def _cmd_sft(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        import yaml
+
+        from scope_mega.config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    from scope_mega.sft import run_sft
+
+    run_sft(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scope-mega", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub, "sft", "supervised warm-start of the policy on the toy task").set_defaults(
+        func=_cmd_sft
+    )
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
