@@ -25,12 +25,15 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int)
     """log p(targets) for vocab-parallel `logits` [..., V/tp] and `targets` [...], fp32, differentiable.
 
     Uses Megatron's `vocab_parallel_cross_entropy` (max, sum-exp and target-logit all-reduced over the
-    TP group), so TP > 1 never materialises the full vocabulary on one rank.
+    TP group), so TP > 1 never materialises the full vocabulary on one rank. Megatron's kernel works
+    in place on its input; `logits` itself is left untouched (a private copy is passed).
     """
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    logits = mask_padded_vocab(logits.float(), vocab_size)
-    return -vocab_parallel_cross_entropy(logits, targets)
+    masked = mask_padded_vocab(logits.float(), vocab_size)
+    if masked is logits:
+        masked = masked.clone()
+    return -vocab_parallel_cross_entropy(masked, targets)
 
 
 def vocab_parallel_entropy(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

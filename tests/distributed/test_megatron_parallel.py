@@ -71,6 +71,26 @@ def _full_logits(model, spec):
     return gather_from_tensor_model_parallel_region(logits)[..., : spec.vocab_size]
 
 
+def _check_logprobs_and_entropy(model, spec, ref_logits):
+    """Vocab-parallel logprobs/entropy on this layout == plain log-softmax over the full HF vocab."""
+    from scope_mega.models.logprobs import token_logprobs, vocab_parallel_entropy
+
+    mb = _batches(0, 1)[0]
+    with torch.no_grad():
+        local = model(mb["input_ids"], mb["position_ids"], attention_mask=None)
+        before = local.clone()
+        lp = token_logprobs(local, mb["targets"], spec.vocab_size)
+        assert torch.equal(local, before), "token_logprobs must not modify the logits it is given"
+        ent = vocab_parallel_entropy(local, spec.vocab_size)
+    full = torch.log_softmax(ref_logits.double(), dim=-1)
+    ref_lp = full.gather(-1, mb["targets"][..., None])[..., 0]
+    ref_ent = -(full.exp() * full).sum(-1)
+    lp_diff = (lp.double() - ref_lp).abs().max().item()
+    ent_diff = (ent.double() - ref_ent).abs().max().item()
+    assert lp_diff <= 1e-5, f"logprobs differ by {lp_diff}"
+    assert ent_diff <= 1e-5, f"entropy differs by {ent_diff}"
+
+
 def _parity_worker(tmp: str):
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -101,6 +121,7 @@ def _parity_worker(tmp: str):
             ref = torch.load(tmp / "ref_logits.pt")
             diff = (logits - ref).abs().max().item()
             assert diff <= 1e-5, f"tp={tp} pp={pp}: logits differ by {diff}"
+            _check_logprobs_and_entropy(model, spec, ref)
         state = setup_training(model, spec.vocab_size, optim, par, total_steps=1)
         dp_rank = parallel_state.get_data_parallel_rank()
         dp = parallel_state.get_data_parallel_world_size()
