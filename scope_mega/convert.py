@@ -1,0 +1,102 @@
+"""`scope-mega convert hf-to-megatron | megatron-to-hf`: checkpoint conversion from the command line.
+
+Import runs one process per TP x PP shard: under torchrun or srun (WORLD_SIZE / SLURM_NTASKS equal
+to tp*pp) every process converts its shard; started as one plain process it spawns tp*pp local
+processes itself. Export runs in one process. Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from scope_mega.config import ConfigError
+
+ERROR_EXIT_CODE = 2
+_SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `convert` with its two directions to an argparse subparsers object."""
+    parser = subparsers.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron")
+    add_direction_parsers(parser.add_subparsers(dest="direction", required=True))
+    parser.set_defaults(func=run_convert)
+    return parser
+
+
+def add_direction_parsers(subparsers) -> None:
+    imp = subparsers.add_parser("hf-to-megatron", help="HF safetensors -> Megatron torch_dist checkpoint")
+    imp.add_argument("--hf-dir", required=True, help="HF model folder (config.json + safetensors)")
+    imp.add_argument("--out", required=True, help="checkpoint folder to create (model/ and hf/ inside)")
+    imp.add_argument("--tp", type=int, default=1, help="tensor-parallel shards written in parallel")
+    imp.add_argument("--pp", type=int, default=1, help="pipeline stages written in parallel")
+    imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    imp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    exp = subparsers.add_parser("megatron-to-hf", help="Megatron checkpoint -> HF safetensors")
+    exp.add_argument("--megatron-dir", required=True, help="folder with model/ (converted or trained)")
+    exp.add_argument("--out", required=True, help="HF model folder to create")
+    exp.add_argument("--hf-config", help="folder with the HF config.json (default: <megatron-dir>/hf)")
+    exp.add_argument("--max-shard-size", type=parse_size, default="2GB", help="e.g. 2GB, 500MB")
+    exp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    for p in (imp, exp):
+        p.set_defaults(func=run_convert)
+
+
+def parse_size(text: str) -> int:
+    """`2GB` / `512MiB` / `1000000` -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 2GB, 500MB, 1GiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+
+
+def _launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def _import(args) -> None:
+    from scope_mega.runtime.spawn import spawn_local
+    from scope_mega.weights.hf_to_megatron import import_worker, plan_import
+
+    tp, pp = args.tp, args.pp
+    params = (args.hf_dir, args.out, tp, pp, args.force, args.make_vocab_size_divisible_by)
+    world = _launched_world_size()
+    if world == tp * pp:
+        import_worker(*params)
+    elif world == 1:
+        plan_import(*params)  # bad input fails here, in one line, before any process starts
+        spawn_local(import_worker, tp * pp, *params)
+    else:
+        raise ConfigError(f"launched {world} processes; --tp {tp} --pp {pp} needs {tp * pp} (or start one)")
+
+
+def _export(args) -> None:
+    from scope_mega.weights.megatron_to_hf import export_hf_checkpoint
+
+    export_hf_checkpoint(args.megatron_dir, args.out, args.force, args.hf_config, args.max_shard_size)
+
+
+def _child_error(exc: BaseException) -> str:
+    """The last line of a failed worker's traceback, without the exception's module path."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1] if lines else repr(exc)
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
+
+
+def run_convert(args) -> int:
+    """Run the conversion `args` describe; on failure print one line and return a non-zero status."""
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+    try:
+        (_import if args.direction == "hf-to-megatron" else _export)(args)
+    except ConfigError as e:
+        print(f"convert error: {e}", file=sys.stderr)
+        return ERROR_EXIT_CODE
+    except (ProcessRaisedException, ProcessExitedException) as e:
+        print(f"convert error: {_child_error(e)}", file=sys.stderr)
+        return ERROR_EXIT_CODE
+    if int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) == 0:
+        print(f"wrote {args.out}")
+    return 0

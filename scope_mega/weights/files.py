@@ -1,0 +1,178 @@
+"""Files of a conversion: lazy safetensors reading, streaming sharded safetensors writing, the HF side
+files (config, tokenizer, generation config), and output directories that appear only when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from scope_mega.weights.mapping import ConversionError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+class HFCheckpoint:
+    """An HF safetensors checkpoint read one tensor at a time.
+
+    The constructor checks every file listed (present, complete header, data fully covered) and
+    that the index agrees with the files, so a bad checkpoint fails before any work is done. Each
+    `read` opens the file, copies one tensor out and closes it: nothing stays mapped between reads.
+    """
+
+    def __init__(self, hf_dir: str | Path):
+        self.dir = Path(hf_dir)
+        if not self.dir.is_dir():
+            raise ConversionError(f"HF checkpoint directory {self.dir} does not exist")
+        index = self.dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise ConversionError(f"{index} is not a valid safetensors index ({e})") from None
+        elif (self.dir / SINGLE_NAME).is_file():
+            weight_map = {}
+        else:
+            raise ConversionError(f"no {SINGLE_NAME} or {INDEX_NAME} in {self.dir} (safetensors only)")
+        files = sorted(set(weight_map.values())) or [SINGLE_NAME]
+        self.file_of: dict[str, Path] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        for name in files:
+            path = self.dir / name
+            if not path.is_file():
+                raise ConversionError(f"safetensors file {path} is missing (listed in {INDEX_NAME})")
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                        self.file_of[key] = path
+                        self.dtypes[key] = _dtype(f.get_slice(key).get_dtype(), path)
+            except SafetensorError as e:
+                raise ConversionError(f"{path} is truncated or corrupt ({e})") from None
+        for key, name in weight_map.items():
+            if self.file_of.get(key) != self.dir / name:
+                raise ConversionError(f"{INDEX_NAME} puts {key} in {name}, but that file does not hold it")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self.file_of:
+            raise ConversionError(f"HF tensor {name} is missing from {self.dir}")
+        with safe_open(self.file_of[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def _dtype(code: str, path: Path) -> torch.dtype:
+    if code not in SAFETENSORS_DTYPES:
+        supported = ", ".join(SAFETENSORS_DTYPES)
+        raise ConversionError(f"{path}: dtype {code} is not supported; supported: {supported}")
+    return SAFETENSORS_DTYPES[code]
+
+
+class ShardedSafetensorsWriter:
+    """Writes `model-XXXXX-of-YYYYY.safetensors` shards of at most `max_shard_bytes` (one larger
+    tensor gets a shard of its own) plus `model.safetensors.index.json`.
+
+    Each shard is written as soon as it is full, so memory holds at most one shard. Shards are named
+    with their final count on `close`, by renaming.
+    """
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int):
+        self.dir = Path(out_dir)
+        self.max_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != size:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)  # own storage: no shared views
+        self.pending[name] = tensor
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        save_file(self.pending, self.dir / f"shard-{len(self.shards):05d}.tmp", metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        n = len(self.shards)
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.dir / f"shard-{i:05d}.tmp", self.dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the HF files that are not weights (config, tokenizer, generation config, chat template,
+    custom code) from `src` into `dst`; return their names."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for path in sorted(Path(src).iterdir()):
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name != INDEX_NAME:
+            shutil.copy2(path, dst / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def check_output_dir(out: str | Path, force: bool) -> None:
+    out = Path(out)
+    if out.exists() and not force:
+        raise ConversionError(f"output directory {out} already exists; pass --force to replace it")
+
+
+def new_temp_dir(out: str | Path) -> Path:
+    """A fresh `<out>.tmp-XXXXXXXX` beside `out`, where the conversion writes until it is complete."""
+    out = Path(out)
+    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, out: str | Path) -> None:
+    """Move the complete `tmp` to `out`, replacing an existing `out` (only reached with --force)."""
+    out = Path(out)
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, force: bool) -> Iterator[Path]:
+    """Yield a temp dir beside `out`; on success it becomes `out`, on any failure it is removed."""
+    check_output_dir(out, force)
+    tmp = new_temp_dir(out)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, out)

@@ -1,0 +1,110 @@
+"""Megatron `torch_dist` checkpoint -> HF safetensors, streamed layer by layer in one process.
+
+Reads one layer's tensors at a time from `<src>/model` (whatever TP/PP saved it), maps them back
+with the same rules as import (`mapping.to_hf`: QKV split, gate/up split, vocab trimmed to the HF
+`vocab_size`), casts to the HF config's dtype and hands them to a shard writer that writes each
+shard as soon as it is full. Memory: one shard plus one layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+
+from scope_mega.models import arch
+from scope_mega.weights import files
+from scope_mega.weights.mapping import (
+    Binding,
+    ConversionError,
+    Dims,
+    bindings,
+    family_for,
+    iter_layers,
+    some_names,
+    to_hf,
+)
+from scope_mega.weights.megatron_ckpt import MegatronCheckpoint
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def resolve_hf_source(
+    src: Path, hf_config: str | Path | None = None
+) -> tuple[transformers.PretrainedConfig, Path | None]:
+    """The HF config of a Megatron checkpoint and the folder holding its side files (tokenizer ...):
+    `hf_config` if given, else `<src>/hf` (written by import), else the model config recorded in a
+    trainer checkpoint's `trainer_state.json` (no side files when that config is inline)."""
+    if hf_config is not None:
+        folder = Path(hf_config)
+    elif (src / "hf" / "config.json").is_file():
+        folder = src / "hf"
+    elif (src / "trainer_state.json").is_file():
+        source = json.loads((src / "trainer_state.json").read_text())["config"]["model"]["hf_config"]
+        if isinstance(source, dict):
+            return arch.load_hf_config(source), None
+        folder = Path(source)
+    else:
+        raise ConversionError(f"{src} has no hf/ folder; pass --hf-config DIR (a folder with config.json)")
+    return arch.load_hf_config(folder), folder
+
+
+def hf_dtype(hf: transformers.PretrainedConfig) -> torch.dtype | None:
+    """The dtype the HF config declares (None: keep the checkpoint's)."""
+    dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def check_megatron_tensors(ckpt: MegatronCheckpoint, items: list[Binding], hf: transformers.PretrainedConfig):
+    """Every checkpoint tensor is used by the mapping, every mapped tensor exists, layer counts agree."""
+    used = set()
+    for b in items:
+        key, layer = ckpt.locate(b.megatron)
+        if layer is not None and ckpt.num_layers(key) != hf.num_hidden_layers:
+            raise ConversionError(
+                f"{key} holds {ckpt.num_layers(key)} layers, the HF config says {hf.num_hidden_layers}"
+            )
+        used.add(key)
+    unused = sorted(set(ckpt.tensors) - used)
+    if unused:
+        raise ConversionError(
+            f"Megatron checkpoint tensors not used by the {family_for(hf).name} mapping: {some_names(unused)}"
+        )
+
+
+def export_hf_checkpoint(
+    megatron_dir: str | Path,
+    out: str | Path,
+    force: bool = False,
+    hf_config: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write `out` as an HF checkpoint (sharded safetensors + index, config, tokenizer files)."""
+    src = Path(megatron_dir)
+    if not (src / "model").is_dir():
+        raise ConversionError(f"{src} is not a Megatron checkpoint directory (no model/ inside)")
+    hf, side_files = resolve_hf_source(src, hf_config)
+    dims = Dims.of(hf)
+    items = [b for b in bindings(hf) if b.rule.export]
+    ckpt = MegatronCheckpoint(src / "model")
+    check_megatron_tensors(ckpt, items, hf)
+    dtype = hf_dtype(hf)
+    with files.atomic_output_dir(out, force) as tmp:
+        writer = files.ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        for group in iter_layers(items):
+            loaded = ckpt.read([b.megatron for b in group])
+            for b in group:
+                try:
+                    tensors = to_hf(b.rule, loaded.pop(b.megatron), dims)
+                except RuntimeError as e:
+                    raise ConversionError(f"{b.megatron} does not fit the HF config ({e})") from None
+                for name, tensor in zip(b.hf, tensors):
+                    writer.add(name, tensor if dtype is None else tensor.to(dtype))
+        writer.close()
+        if side_files is not None:
+            files.copy_side_files(side_files, tmp)
+        else:
+            hf.to_json_file(tmp / "config.json")
+    return Path(out)
