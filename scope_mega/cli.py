@@ -42,7 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_parser(sub, "sft", "supervised warm-start of the policy on the toy task").set_defaults(
         func=_cmd_sft
     )
-    args = parser.parse_args(argv)
+    # Overrides may come before or after flags (`CONFIG --dry-run a.b=1`): collect stray key=values.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if "=" not in x or x.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
         return args.func(args)
     except ConfigError as e:
