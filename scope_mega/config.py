@@ -17,6 +17,9 @@ from typing import Any, Literal
 import yaml
 
 from scope_mega.data.countdown import TaskConfig
+from scope_mega.rl.advantages import AdvantageConfig
+from scope_mega.rl.loss import PolicyLossConfig
+from scope_mega.scope.config import ScopeConfig
 
 
 class ConfigError(ValueError):
@@ -91,6 +94,56 @@ class SFTConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where RL prompts come from: the built-in Countdown task, or math JSON Lines (benchmark formats)."""
+
+    task: Literal["countdown", "math"] = "countdown"
+    train_files: list[str] = field(default_factory=list)  # math: JSON Lines with question/answer fields
+    eval_files: list[str] = field(default_factory=list)
+    tokenizer: str | None = None  # math: a Hugging Face tokenizer directory (countdown trains its own)
+    max_prompt_tokens: int = 1024
+
+
+@dataclass
+class RolloutConfig:
+    """The rollout engine and its sampling settings (the policy's engine; a guide engine mirrors it)."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    stop: list[str] = field(default_factory=list)
+    sync_bucket_mb: int = 64  # bytes in flight per bucket when streaming weights to the engine
+    vllm_tensor_parallel_size: int = 1
+    vllm_gpu_memory_utilization: float = 0.5
+    vllm_fp8_weights: bool = False
+
+
+@dataclass
+class GuideConfig:
+    """The off-policy guide (SCOPE/LUFFY) and the PRM; `oracle` kinds use the task's own solver/checker."""
+
+    prm: Literal["oracle", "model"] = "oracle"
+    prm_path: str | None = None  # an HF Qwen2.5-Math-PRM-style checkpoint directory (prm: model)
+    guide_model: str | None = None  # an HF model directory served by a second engine (scope.guide: engine)
+
+
+@dataclass
+class RLConfig:
+    """The RL stage: GRPO groups, SCOPE, rollout budget per step."""
+
+    steps: int = 30
+    prompts_per_step: int = 8
+    group_size: int = 8
+    micro_batch_size: int = 16
+    eval_interval: int = 10  # 0: evaluate only before and after training
+    num_eval_problems: int = 100
+    eval_samples: int = 8  # n samples per eval problem for pass@k / avg@k
+    init_from: str | None = None  # checkpoint directory with the warm-started policy (e.g. the SFT run)
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/demo"
     seed: int = 1234
@@ -103,6 +156,13 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    scope: ScopeConfig = field(default_factory=ScopeConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
 
 
 # ----------------------------------------------------------------------------- building from dicts
