@@ -21,18 +21,33 @@ def _add_run_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     return p
 
 
+def _print_config(cfg) -> None:
+    import yaml
+
+    from scope_mega.config import to_dict
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
 def _cmd_sft(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        import yaml
-
-        from scope_mega.config import to_dict
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        _print_config(cfg)
         return 0
     from scope_mega.sft import run_sft
 
     run_sft(cfg)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        _print_config(cfg)
+        return 0
+    from scope_mega.trainer import run_train
+
+    run_train(cfg)
     return 0
 
 
@@ -42,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_parser(sub, "sft", "supervised warm-start of the policy on the toy task").set_defaults(
         func=_cmd_sft
     )
+    _add_run_parser(sub, "train", "RL training (GRPO + SCOPE) of the policy").set_defaults(func=_cmd_train)
     # Overrides may come before or after flags (`CONFIG --dry-run a.b=1`): collect stray key=values.
     args, extra = parser.parse_known_args(argv)
     stray = [x for x in extra if "=" not in x or x.startswith("-")]

@@ -141,6 +141,7 @@ class RLConfig:
     num_eval_problems: int = 100
     eval_samples: int = 8  # n samples per eval problem for pass@k / avg@k
     init_from: str | None = None  # checkpoint directory with the warm-started policy (e.g. the SFT run)
+    lr: float = 1e-5  # constant RL learning rate (the `optim` schedule is the SFT stage's)
 
 
 @dataclass

@@ -31,8 +31,15 @@ TINY = [
 
 
 def _cmd(run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "scope_mega.cli", "sft", str(REPO / "examples/tiny_cpu.yaml"),
-            f"run_dir={run_dir}", *TINY]
+    return [
+        sys.executable,
+        "-m",
+        "scope_mega.cli",
+        "sft",
+        str(REPO / "examples/tiny_cpu.yaml"),
+        f"run_dir={run_dir}",
+        *TINY,
+    ]
 
 
 def _env() -> dict:
@@ -48,8 +55,9 @@ def test_killed_and_resumed_run_matches_straight_run(tmp_path):
     subprocess.run(_cmd(straight), check=True, env=_env(), cwd=REPO, capture_output=True)
 
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen(_cmd(resumed), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(resumed), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while max(_losses(resumed), default=0) < 5 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
