@@ -1,4 +1,4 @@
-"""The RL loop (DESIGN.md section 3): rollout, verify, SCOPE, advantages, update, weight sync, eval, checkpoint.
+"""The RL loop (DESIGN.md section 3): rollout, verify, SCOPE, advantages, update, sync, eval, checkpoint.
 
 Roles: every data-parallel replica owns one rollout engine, held by its first model-parallel rank (the
 "driver"); the driver generates its share of the prompts, verifies, rectifies and computes advantages,
