@@ -1,19 +1,21 @@
-"""Files of a conversion: lazy safetensors reading, streaming sharded safetensors writing, the HF side
+"""Files of a conversion: lazy safetensors reading, streamed sharded safetensors writing, the HF side
 files (config, tokenizer, generation config), and output directories that appear only when complete."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from scope_mega.weights.mapping import ConversionError
 
@@ -21,6 +23,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_SAFETENSORS_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class HFCheckpoint:
@@ -81,47 +84,75 @@ def _dtype(code: str, path: Path) -> torch.dtype:
     return SAFETENSORS_DTYPES[code]
 
 
-class ShardedSafetensorsWriter:
-    """Writes `model-XXXXX-of-YYYYY.safetensors` shards of at most `max_shard_bytes` (one larger
-    tensor gets a shard of its own) plus `model.safetensors.index.json`.
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
-    Each shard is written as soon as it is full, so memory holds at most one shard. Shards are named
-    with their final count on `close`, by renaming.
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class SafetensorsShardWriter:
+    """Streams tensors into `model-XXXXX-of-YYYYY.safetensors` shards plus `model.safetensors.index.json`.
+
+    Shards are planned up front from the tensors' names, shapes and dtypes (at most `max_shard_bytes`
+    each; a larger tensor gets a shard of its own), so each shard's header is written first and each
+    tensor's bytes go to disk as soon as `write` receives it: memory never holds more than the
+    tensor being written. Tensors must arrive in plan order.
     """
 
-    def __init__(self, out_dir: str | Path, max_shard_bytes: int):
+    def __init__(self, out_dir: str | Path, plan: list[TensorPlan], max_shard_bytes: int):
         self.dir = Path(out_dir)
-        self.max_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total_bytes = 0
+        self.shards: list[list[TensorPlan]] = []
+        size = 0
+        for item in plan:
+            if not self.shards or (self.shards[-1] and size + item.nbytes > max_shard_bytes):
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(item)
+            size += item.nbytes
+        n = len(self.shards)
+        self.files = [self.dir / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.pending = [(i, item) for i, shard in enumerate(self.shards) for item in shard]
+        self.total_bytes = sum(item.nbytes for item in plan)
+        self.handle = None
+        self.shard = -1
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != size:
-            tensor = tensor.clone(memory_format=torch.contiguous_format)  # own storage: no shared views
-        self.pending[name] = tensor
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
+    def write(self, name: str, tensor: torch.Tensor) -> None:
         if not self.pending:
-            return
-        save_file(self.pending, self.dir / f"shard-{len(self.shards):05d}.tmp", metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+            raise ValueError(f"{name}: every planned tensor was already written")
+        shard, item = self.pending.pop(0)
+        if (name, tuple(tensor.shape), tensor.dtype) != (item.name, item.shape, item.dtype):
+            raise ValueError(f"expected {item} next, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        if shard != self.shard:
+            self._open(shard)
+        self.handle.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+        if not self.pending or self.pending[0][0] != shard:
+            self.handle.close()
+            self.handle = None
+
+    def _open(self, shard: int) -> None:
+        header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for item in self.shards[shard]:
+            end = offset + item.nbytes
+            code = _SAFETENSORS_CODES[item.dtype]
+            header[item.name] = {"dtype": code, "shape": list(item.shape), "data_offsets": [offset, end]}
+            offset = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self.handle = open(self.files[shard], "wb")  # noqa: SIM115 (closed after the shard's last tensor)
+        self.handle.write(struct.pack("<Q", len(raw)) + raw)
+        self.shard = shard
 
     def close(self) -> None:
-        self.flush()
-        n = len(self.shards)
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.dir / f"shard-{i:05d}.tmp", self.dir / final)
-            weight_map.update(dict.fromkeys(names, final))
+        """Check everything planned was written, then write the index."""
+        if self.pending:
+            raise ValueError(f"{len(self.pending)} planned tensors never written, e.g. {self.pending[0][1]}")
+        weight_map = {item.name: f.name for f, shard in zip(self.files, self.shards) for item in shard}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 

@@ -208,8 +208,9 @@ def to_megatron(rule: Rule, tensors: list[torch.Tensor], dims: Dims, padded_voca
         t = tensors[0]
         if t.shape[0] != dims.vocab_size:
             raise ConversionError(f"{rule.hf[0]} has {t.shape[0]} rows, config vocab_size={dims.vocab_size}")
-        pad = t.new_zeros((padded_vocab - t.shape[0], *t.shape[1:]))
-        return torch.cat([t, pad])
+        if padded_vocab == t.shape[0]:
+            return t
+        return torch.cat([t, t.new_zeros((padded_vocab - t.shape[0], *t.shape[1:]))])
     if rule.kind == "gate_up":
         return torch.cat(tensors)
     q, k, v = tensors  # qkv: per KV group, its heads/groups query heads, then K, then V

@@ -2,8 +2,8 @@
 
 Reads one layer's tensors at a time from `<src>/model` (whatever TP/PP saved it), maps them back
 with the same rules as import (`mapping.to_hf`: QKV split, gate/up split, vocab trimmed to the HF
-`vocab_size`), casts to the HF config's dtype and hands them to a shard writer that writes each
-shard as soon as it is full. Memory: one shard plus one layer.
+`vocab_size`), casts to the HF config's dtype and streams them into shards planned from the
+checkpoint's metadata. Memory: one layer.
 """
 
 from __future__ import annotations
@@ -91,20 +91,36 @@ def export_hf_checkpoint(
     ckpt = MegatronCheckpoint(src / "model")
     check_megatron_tensors(ckpt, items, hf)
     dtype = hf_dtype(hf)
+    plan = plan_hf_tensors(ckpt, items, dims, dtype)
     with files.atomic_output_dir(out, force) as tmp:
-        writer = files.ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        writer = files.SafetensorsShardWriter(tmp, plan, max_shard_bytes)
         for group in iter_layers(items):
             loaded = ckpt.read([b.megatron for b in group])
             for b in group:
-                try:
-                    tensors = to_hf(b.rule, loaded.pop(b.megatron), dims)
-                except RuntimeError as e:
-                    raise ConversionError(f"{b.megatron} does not fit the HF config ({e})") from None
-                for name, tensor in zip(b.hf, tensors):
-                    writer.add(name, tensor if dtype is None else tensor.to(dtype))
+                for name, tensor in zip(b.hf, to_hf(b.rule, loaded.pop(b.megatron), dims)):
+                    writer.write(name, tensor if dtype is None else tensor.to(dtype))
         writer.close()
         if side_files is not None:
             files.copy_side_files(side_files, tmp)
         else:
             hf.to_json_file(tmp / "config.json")
     return Path(out)
+
+
+def plan_hf_tensors(
+    ckpt: MegatronCheckpoint, items: list[Binding], dims: Dims, dtype: torch.dtype | None
+) -> list[files.TensorPlan]:
+    """Names, shapes and dtypes of the HF tensors export will write, in order, from the checkpoint's
+    metadata alone (the transforms run on meta tensors)."""
+    plan = []
+    for b in items:
+        key, layer = ckpt.locate(b.megatron)
+        md = ckpt.tensors[key]
+        shape = md.size if layer is None else md.size[1:]
+        try:
+            tensors = to_hf(b.rule, torch.empty(shape, device="meta"), dims)
+        except RuntimeError as e:
+            raise ConversionError(f"{b.megatron} {tuple(shape)} does not fit the HF config ({e})") from None
+        for name, t in zip(b.hf, tensors):
+            plan.append(files.TensorPlan(name, tuple(t.shape), dtype or md.properties.dtype))
+    return plan

@@ -160,15 +160,15 @@ def test_interrupted_export_leaves_nothing(monkeypatch, imported: Path, tmp_path
     from scope_mega.weights import files
     from scope_mega.weights.megatron_to_hf import export_hf_checkpoint
 
-    real_add, calls = files.ShardedSafetensorsWriter.add, []
+    real_write, calls = files.SafetensorsShardWriter.write, []
 
-    def add_then_die(self, name, tensor):
+    def write_then_die(self, name, tensor):
         calls.append(name)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        real_add(self, name, tensor)
+        real_write(self, name, tensor)
 
-    monkeypatch.setattr(files.ShardedSafetensorsWriter, "add", add_then_die)
+    monkeypatch.setattr(files.SafetensorsShardWriter, "write", write_then_die)
     out = tmp_path / "o"
     with pytest.raises(KeyboardInterrupt):
         export_hf_checkpoint(imported, out, max_shard_bytes=1000)
