@@ -1,0 +1,217 @@
+"""Benchmark HF <-> Megatron conversion on a synthetic checkpoint of a real shape, next to a plain copy.
+
+Writes random bf16 weights of a named shape one tensor at a time (never the whole model in memory),
+then runs, each as its own subprocess: `cp -r` of the HF folder (the physical reference),
+`hf-to-megatron`, `megatron-to-hf`. For each it prints wall time, the peak RSS of the largest process
+of the subprocess tree (`wait4` rusage) and the sampled peak of the tree's summed PSS (shared pages
+counted once), beside the largest single tensor. Then it checks, one tensor at a time, that the
+exported weights equal the synthetic ones bit for bit. This process stays small (torch is only
+imported in the helper subprocesses), because a child's peak RSS starts at its parent's at fork.
+
+    .venv/bin/python tools/bench_convert.py llama3-8b --workdir /tmp/bench_convert
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+LLAMA3 = dict(
+    model_type="llama",
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    dtype="bfloat16",
+)
+SHAPES = {
+    "llama3-1b": dict(  # Llama-3.2-1B
+        LLAMA3,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
+    "llama3-8b": dict(  # Llama-3.1-8B
+        LLAMA3,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        head_dim=128,
+        tie_word_embeddings=False,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
+}
+GB = 1e9
+
+
+@dataclass
+class Run:
+    name: str
+    wall_s: float
+    max_rss: int  # bytes, largest single process of the tree
+    tree_pss: int  # bytes, sampled peak of the sum over the tree
+
+
+def write_synthetic(shape: str, out: Path, shard_bytes: int) -> None:
+    """Random bf16 HF checkpoint of `shape` (names and shapes from transformers on the meta device)."""
+    import torch
+    import transformers
+
+    from scope_mega.weights.files import SafetensorsShardWriter, TensorPlan
+
+    params = dict(SHAPES[shape])
+    config = transformers.AutoConfig.for_model(params.pop("model_type"), **params)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    state = model.state_dict()
+    names = [n for n in state if not (config.tie_word_embeddings and n == "lm_head.weight")]
+    plan = [TensorPlan(n, tuple(state[n].shape), torch.bfloat16) for n in names]
+    out.mkdir(parents=True)
+    writer = SafetensorsShardWriter(out, plan, shard_bytes)
+    gen = torch.Generator().manual_seed(0)
+    for item in plan:
+        writer.write(item.name, (0.02 * torch.randn(item.shape, generator=gen)).to(torch.bfloat16))
+    writer.close()
+    config.save_pretrained(out)
+    largest = max(item.nbytes for item in plan)
+    (out.parent / "sizes.json").write_text(json.dumps({"total": writer.total_bytes, "largest": largest}))
+
+
+def measure(name: str, cmd: list[str]) -> Run:
+    """Run `cmd`, sampling the summed PSS of its process tree every 0.1 s; fail if it fails. The
+    child is the first the kernel's OOM killer picks, so an overrun never hits other work."""
+    proc = subprocess.Popen(cmd)
+    Path(f"/proc/{proc.pid}/oom_score_adj").write_text("1000")
+    peak, done = [0], threading.Event()
+
+    def pss(p: psutil.Process) -> int:
+        try:
+            return p.memory_full_info().pss
+        except psutil.Error:
+            return 0
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                tree = []
+            peak[0] = max(peak[0], sum(pss(p) for p in tree))
+            done.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    start = time.perf_counter()
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{name} failed with status {proc.returncode}: {' '.join(cmd)}")
+    return Run(name, wall, usage.ru_maxrss * 1024, peak[0])
+
+
+def verify(original: Path, exported: Path) -> None:
+    """Compare every tensor bit for bit, one at a time."""
+    import torch
+    from safetensors import safe_open
+
+    from scope_mega.weights.files import INDEX_NAME
+
+    weight_map = json.loads((original / INDEX_NAME).read_text())["weight_map"]
+    exported_map = json.loads((exported / INDEX_NAME).read_text())["weight_map"]
+    if sorted(weight_map) != sorted(exported_map):
+        raise SystemExit("exported tensor names differ from the original")
+    for name, shard in weight_map.items():
+        with safe_open(original / shard, "pt") as a, safe_open(exported / exported_map[name], "pt") as b:
+            x, y = a.get_tensor(name), b.get_tensor(name)
+        if x.dtype != y.dtype or not torch.equal(x.view(torch.int16), y.view(torch.int16)):
+            raise SystemExit(f"{name} differs after the round trip")
+    print(f"{len(weight_map)} tensors bitwise identical after HF -> Megatron -> HF")
+
+
+def helper(*args: str) -> None:
+    """Run a helper of this script in a subprocess (keeps torch and its memory out of this process)."""
+    subprocess.run([sys.executable, __file__, *args], check=True)
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["_synthetic"]:
+        return write_synthetic(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
+    if sys.argv[1:2] == ["_verify"]:
+        return verify(Path(sys.argv[2]), Path(sys.argv[3]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("--workdir", default="/tmp/bench_convert", help="scratch folder, deleted after")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--shard-gb", type=float, default=2.0, help="shard size of input and output")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    if work.exists():
+        raise SystemExit(f"{work} exists; choose another --workdir")
+    hf, meg, back = str(work / "hf"), str(work / "megatron"), str(work / "back")
+    convert = [sys.executable, "-m", "checkpoints_convert"]
+    try:
+        start = time.perf_counter()
+        helper("_synthetic", args.shape, hf, str(int(args.shard_gb * GB)))
+        sizes = json.loads((work / "sizes.json").read_text())
+        total, largest = sizes["total"], sizes["largest"]
+        print(
+            f"{args.shape}: {total / GB:.2f} GB bf16 written in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
+        runs = [measure("plain copy (cp -r)", ["cp", "-r", hf, str(work / "copy")])]
+        shutil.rmtree(work / "copy")
+        par = ["--tp", str(args.tp), "--pp", str(args.pp)]
+        imp = [*convert, "hf-to-megatron", "--hf-dir", hf, "--out", meg, *par]
+        runs.append(measure(f"hf-to-megatron tp={args.tp} pp={args.pp}", imp))
+        exp = [*convert, "megatron-to-hf", "--megatron-dir", meg, "--out", back]
+        runs.append(measure("megatron-to-hf", [*exp, "--max-shard-size", f"{args.shard_gb}GB"]))
+        helper("_verify", hf, back)
+        copy = runs[0].wall_s
+        print(
+            f"\n{'step':<28}{'wall s':>8}{'x copy':>8}{'GB/s':>7}{'peak RSS 1 proc':>17}{'peak PSS all':>14}"
+        )
+        for r in runs:
+            print(
+                f"{r.name:<28}{r.wall_s:>8.1f}{r.wall_s / copy:>8.1f}{total / GB / r.wall_s:>7.2f}"
+                f"{r.max_rss / GB:>14.2f} GB{r.tree_pss / GB:>11.2f} GB"
+            )
+        print(f"model {total / GB:.2f} GB; largest single tensor {largest / GB:.2f} GB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
