@@ -1,9 +1,11 @@
 """HF safetensors -> Megatron `torch_dist` checkpoint, one process per TP x PP shard.
 
-Each rank builds its own stage of the model, fills every parameter from the HF tensors it is made of
-(read one at a time, fused and TP-sliced by `mapping`), and all ranks save together with
-`dist_checkpointing.save(model.sharded_state_dict())`, so the trainer can load the result at any
-TP/PP. Output layout (the trainer's checkpoints use the same `model/`):
+Each rank builds its own stage of the model on the meta device (shapes and sharding, no weights), and
+all ranks save together with `dist_checkpointing.save(model.sharded_state_dict())`, each chunk computed
+from the HF tensors it is made of (read one at a time, fused by `mapping`) just as it is written. So a
+rank holds about one tensor at a time, whatever the model size, and the result is an ordinary
+`torch_dist` checkpoint the trainer loads at any TP/PP. Output layout (the trainer's checkpoints use
+the same `model/`):
 
     <out>/model/   torch_dist checkpoint of the unwrapped GPTModel's sharded_state_dict() (no prefix)
     <out>/hf/      the HF config, generation config, tokenizer files: what export needs to go back
@@ -14,6 +16,8 @@ Everything is written under `<out>.tmp-XXXXXXXX` and renamed to `<out>` only whe
 from __future__ import annotations
 
 import shutil
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +29,17 @@ from scope_mega.config import ModelConfig, ParallelConfig, RunConfig, validate
 from scope_mega.models import arch
 from scope_mega.weights import files
 from scope_mega.weights.mapping import (
+    LAYER_PREFIX_MEGATRON,
+    Binding,
     ConversionError,
     Dims,
     bind_parameters,
+    bindings,
     family_for,
     hf_names,
     is_prm,
     some_names,
     to_megatron,
-    tp_shard,
 )
 
 
@@ -60,7 +66,7 @@ def plan_import(
     check_hf_tensors(hf, ckpt.names)
     exact = "bfloat16" if set(ckpt.dtypes.values()) == {torch.bfloat16} else "float32"
     model = ModelConfig(
-        hf_config=str(Path(hf_dir).resolve()),
+        hf_config=structure_only(hf),
         transformer_impl="local",
         params_dtype=exact,  # fp32 holds bf16 and fp16 values exactly; export casts back
         make_vocab_size_divisible_by=vocab_divisible_by,
@@ -69,6 +75,16 @@ def plan_import(
     validate(RunConfig(device="cpu", model=model, parallel=parallel))
     files.check_output_dir(out, force)
     return ImportPlan(hf, ckpt, model, parallel)
+
+
+def structure_only(hf: transformers.PretrainedConfig) -> dict:
+    """The HF config the import builds its meta-device model from: only shapes and sharding matter
+    there. RoPE scaling is dropped: it is no weight, and computing scaled frequencies needs real
+    tensors, which a meta-device build does not have."""
+    data = hf.to_dict()
+    data.pop("rope_scaling", None)
+    data["rope_parameters"] = {"rope_type": "default", "rope_theta": arch.rope_theta(hf)}
+    return data
 
 
 def check_hf_tensors(hf: transformers.PretrainedConfig, present: list[str]) -> None:
@@ -86,42 +102,105 @@ def check_hf_tensors(hf: transformers.PretrainedConfig, present: list[str]) -> N
         )
 
 
-def load_hf_into_model(model: torch.nn.Module, hf: transformers.PretrainedConfig, read, padded_vocab: int):
-    """Fill this rank's stage from HF tensors (`read(name) -> Tensor`); return the HF names used.
+class ChunkSource:
+    """Checkpoint chunks computed from the HF tensors when they are written.
 
-    Holds at most one parameter's HF tensors at a time besides the model itself.
+    A chunk is a slice of a Megatron checkpoint tensor in its global (TP=1) layout, which is exactly
+    what `mapping.to_megatron` builds: fused QKV grouped per KV head, `[gate; up]`, padded vocab.
+    Layer tensors are stacked under one key (`decoder.layers.<suffix>`, first dim = layer). The last
+    full tensor is kept, since a rank writes consecutive chunks of one tensor (fc1's gate and up).
     """
-    from megatron.core import parallel_state
 
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    size = parallel_state.get_tensor_model_parallel_world_size()
-    dims = Dims.of(hf)
-    used: set[str] = set()
-    with torch.no_grad():
-        for binding, name, param in bind_parameters(model, hf):
-            full = to_megatron(binding.rule, [read(n) for n in binding.hf], dims, padded_vocab)
-            shard = tp_shard(binding.rule, full, rank, size)
-            if shard.shape != param.shape:
-                raise ConversionError(
-                    f"{', '.join(binding.hf)} give {tuple(shard.shape)} for {name} on TP rank {rank}, "
-                    f"but the Megatron parameter is {tuple(param.shape)}"
-                )
-            param.copy_(shard)
-            used.update(binding.hf)
-    return used
+    def __init__(self, hf: transformers.PretrainedConfig, read: Callable[[str], torch.Tensor]):
+        self.read = read
+        self.dims = Dims.of(hf)
+        self.by_key: dict[tuple[str, int | None], Binding] = {}
+        for b in bindings(hf):
+            if b.layer is None:
+                self.by_key[(b.megatron, None)] = b
+            else:
+                suffix = b.megatron.split(".", 3)[3]  # decoder.layers.{i}.<suffix>
+                self.by_key[(LAYER_PREFIX_MEGATRON + suffix, b.layer)] = b
+        self.last: tuple[tuple[str, int | None], torch.Tensor] | None = None
+
+    def chunk(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], shape: tuple[int, ...]):
+        """The slice at `offsets` / `sizes` of checkpoint tensor `key` of global `shape`."""
+        stacked = key.startswith(LAYER_PREFIX_MEGATRON) and (key, offsets[0]) in self.by_key
+        where = (key, offsets[0] if stacked else None)
+        if self.last is None or self.last[0] != where:
+            self.last = None  # free the previous tensor before building the next
+            b = self.by_key[where]
+            rows = shape[1] if stacked else shape[0]  # padded vocab rows, for vocab tensors
+            full = to_megatron(b.rule, [self.read(n) for n in b.hf], self.dims, rows)
+            self.last = (where, full.unsqueeze(0) if stacked else full)
+        out = self.last[1]
+        if stacked:
+            offsets = (0, *offsets[1:])
+        for dim, (offset, size) in enumerate(zip(offsets, sizes)):
+            out = out.narrow(dim, offset, size)
+        return out
 
 
-def save_megatron_checkpoint(model: torch.nn.Module, plan: ImportPlan, padded_vocab: int, tmp: Path) -> None:
-    """Collective: load this stage from HF, check all HF tensors were used across ranks, save `model/`."""
+def save_streaming(model: torch.nn.Module, source: ChunkSource, model_dir: Path) -> None:
+    """Collective: `dist_checkpointing.save(model.sharded_state_dict(), model_dir)` for a model whose
+    parameters are on the meta device, each chunk's data coming from `source` as it is written.
+
+    Megatron's own save resolves every tensor before writing (its async writer preloads them), so this
+    strategy keeps Megatron's key translation, save planner and metadata (the result is an ordinary
+    `torch_dist` checkpoint, loadable at any TP/PP) and writes through PyTorch's synchronous
+    `FileSystemWriter`, which asks the planner for one chunk at a time.
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
-    used = load_hf_into_model(model, plan.hf, plan.checkpoint.read, padded_vocab)
+    class ChunkPlanner(MCoreSavePlanner):
+        def resolve_data(self, item: WriteItem):
+            if item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(item)
+            data = item.tensor_data
+            chunk = source.chunk(
+                item.index.fqn, tuple(data.chunk.offsets), tuple(data.chunk.sizes), tuple(data.size)
+            )
+            return chunk.to(data.properties.dtype)  # the model's dtype, which the metadata records
+
+    class StreamingSave(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            state, _, _ = _replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica
+            )
+            planner = ChunkPlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
+            writer = FileSystemWriter(str(checkpoint_dir), thread_count=1)
+            dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer, planner=planner)
+
+    with warnings.catch_warnings():  # Megatron's translation uses torch's deprecated ShardedTensor
+        warnings.filterwarnings("ignore", message=".*ShardedTensor", category=FutureWarning)
+        strategy = StreamingSave("torch_dist", 1)
+        dist_checkpointing.save(model.sharded_state_dict(), str(model_dir), sharded_strategy=strategy)
+
+
+def write_megatron_checkpoint(plan: ImportPlan, device: torch.device, model_dir: Path, build=None) -> None:
+    """Collective: build this rank's stage on the meta device (no weights in memory), check that the
+    stages together cover every HF tensor and bind every parameter, and stream-save `model_dir`.
+
+    `build(plan, device) -> (model, spec)` defaults to `build_model`.
+    """
+    with torch.device("meta"):
+        model, _ = (build or build_model)(plan, device)
+    used = {n for binding, _, _ in bind_parameters(model, plan.hf) for n in binding.hf}
     everyone: list[set[str]] = [set() for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, used)
     unused = sorted(set(plan.checkpoint.names).difference(*everyone))
     if unused:  # same verdict on every rank: all raise together
         raise ConversionError(f"HF tensors not written to any Megatron parameter: {some_names(unused)}")
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+    save_streaming(model, ChunkSource(plan.hf, plan.checkpoint.read), model_dir)
 
 
 def build_model(plan: ImportPlan, device: torch.device):
@@ -155,8 +234,7 @@ def import_worker(
         dist.broadcast_object_list(box, src=0)
         tmp: Path = box[0]
         try:
-            model, spec = build_model(plan, device)
-            save_megatron_checkpoint(model, plan, spec.padded_vocab_size, tmp)
+            write_megatron_checkpoint(plan, device, tmp / "model")
             if rank == 0:
                 files.copy_side_files(hf_dir, tmp / "hf")
             dist.barrier()

@@ -1,8 +1,9 @@
 """HF <-> Megatron weight mapping: one declarative table per architecture family, plus the few tensor
-transforms the tables name (QKV fusion, gate/up fusion, vocab padding) and their TP split / merge.
+transforms the tables name (QKV fusion, gate/up fusion, vocab padding) and their TP merge.
 
-Import, export and live weight streaming all go through `family_for`, `to_megatron`, `to_hf`,
-`tp_shard` and `tp_merge`; there is no second copy of any layout rule.
+Import, export and live weight streaming all go through `family_for`, `to_megatron`, `to_hf` and
+`tp_merge`; there is no second copy of any layout rule. The full (TP=1) layout `to_megatron` builds is
+also the global layout of that tensor in a `torch_dist` checkpoint, whatever TP saved it.
 
 Megatron names are the *canonical* ones of the sharded checkpoint, which are the Transformer Engine
 spellings (the local layer spec maps its norm names onto them when saving): `input_layernorm.weight`
@@ -238,19 +239,10 @@ def to_hf(rule: Rule, tensor: torch.Tensor, dims: Dims) -> list[torch.Tensor]:
     return [t.reshape(-1, *rest) for t in (q, k, v)]
 
 
-def tp_shard(rule: Rule, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """TP rank `rank`'s slice of a full Megatron tensor. QKV slices whole KV groups (its rows are
-    grouped); gate/up gives rank i `[gate_i; up_i]`."""
-    if rule.tp_dim is None or size == 1:
-        return full
-    if rule.kind == "gate_up":
-        gate, up = full.chunk(2)
-        return torch.cat([gate.chunk(size)[rank], up.chunk(size)[rank]])
-    return full.chunk(size, dim=rule.tp_dim)[rank]
-
-
 def tp_merge(rule: Rule, shards: list[torch.Tensor]) -> torch.Tensor:
-    """The full Megatron tensor from all TP ranks' slices (inverse of `tp_shard`)."""
+    """The full Megatron tensor from all TP ranks' slices. Megatron splits along `tp_dim` in equal
+    contiguous parts (for QKV: whole KV groups, since its rows are grouped), except gate/up, where TP
+    rank i holds `[gate_i; up_i]`."""
     if rule.tp_dim is None or len(shards) == 1:
         return shards[0]
     if rule.kind == "gate_up":

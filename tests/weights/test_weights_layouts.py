@@ -1,5 +1,6 @@
-"""Every family x every (TP, PP) layout, on 4 gloo processes: HF -> Megatron import, logits parity with
-the transformers forward, live streaming of HF-named weights, and Megatron -> HF export bitwise."""
+"""Every family x every (TP, PP) layout, on 4 gloo processes: HF -> Megatron import, the trainer's load
+of the result, logits parity with the transformers forward, live streaming of HF-named weights, and
+Megatron -> HF export bitwise."""
 
 import json
 from pathlib import Path
@@ -68,12 +69,20 @@ def _stream_report(model, spec, hf_dir: Path) -> dict:
 
 
 def _worker(root: str):
+    """Per layout and family: import (meta model, streamed save), then load the checkpoint the way
+    the trainer does into a real model of the same layout, then logits and live streaming from it."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from scope_mega.checkpointing import load_model_weights
+    from scope_mega.config import ModelConfig
+    from scope_mega.models.gpt import build_gpt_model
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
     from scope_mega.weights import files
-    from scope_mega.weights.hf_to_megatron import build_model, plan_import, save_megatron_checkpoint
+    from scope_mega.weights.hf_to_megatron import build_model, plan_import, write_megatron_checkpoint
+
+    def build_prm(plan, device):
+        return build_megatron_prm(plan.model, plan.parallel, device)
 
     root = Path(root)
     tokens = _tokens()
@@ -83,17 +92,17 @@ def _worker(root: str):
         for case in CASES:
             tag, hf_dir = _tag(case, tp, pp), root / "hf" / case
             out = root / "meg" / tag
+            prm = case == "qwen2_prm"
             plan = plan_import(hf_dir, out, tp, pp, force=False)
             dist.barrier()  # everyone checked `out` before rank 0 creates it
-            if case == "qwen2_prm":
-                model, spec = build_megatron_prm(plan.model, plan.parallel, device)
-            else:
-                model, spec = build_model(plan, device)
             if rank == 0:
                 (out / "model").mkdir(parents=True)
                 files.copy_side_files(hf_dir, out / "hf")
             dist.barrier()
-            save_megatron_checkpoint(model, plan, spec.padded_vocab_size, out)
+            write_megatron_checkpoint(plan, device, out / "model", build_prm if prm else build_model)
+            real = ModelConfig(hf_config=str(hf_dir), transformer_impl="local")
+            model, spec = (build_megatron_prm if prm else build_gpt_model)(real, plan.parallel, device)
+            load_model_weights(out, model)
             model.eval()
             with torch.no_grad():
                 logits = _stage_logits(model, tokens) if case in LM_CASES else None
