@@ -40,8 +40,9 @@ class Rule:
 
     Layer rules (in `Family.layer`) name tensors relative to `decoder.layers.{i}.` / `model.layers.{i}.`.
     `when` names a feature of the HF config (see `features`) without which the tensor does not exist.
-    `export=False` marks a mirror (the tied output layer on the last PP stage): written on import,
-    never exported, since its HF tensor is already exported from the embedding.
+    `export=False` marks a mirror (the tied output layer, a parameter of the last PP stage): it binds
+    that parameter, but is never saved, exported or streamed, since Megatron checkpoints it as the
+    embedding and its HF tensor is the embedding's.
     """
 
     megatron: str

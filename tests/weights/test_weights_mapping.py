@@ -16,6 +16,7 @@ from scope_mega.weights.mapping import (
     Dims,
     Rule,
     bind_parameters,
+    canonical_name,
     family_for,
     hf_names,
     to_hf,
@@ -128,3 +129,18 @@ def test_megatron_parameter_without_mapping_fails_loudly():
         bind_parameters(prm_head, lm)
     with pytest.raises(ConversionError, match="no qwen2_prm mapping: output_layer.weight"):
         bind_parameters(module("output_layer.weight"), _config("qwen2_prm"))
+
+
+def test_local_and_transformer_engine_norm_names_bind_to_one_rule():
+    """Local spec `input_layernorm` / `pre_mlp_layernorm` are the TE spec's fused-norm weights; layer
+    indices become global (this stage's first layer is global layer 5)."""
+    local = {0: 5}
+    assert canonical_name("decoder.layers.0.input_layernorm.weight", local) == (
+        "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight"
+    )
+    assert canonical_name("decoder.layers.0.pre_mlp_layernorm.weight", local) == (
+        "decoder.layers.5.mlp.linear_fc1.layer_norm_weight"
+    )
+    te = "decoder.layers.0.mlp.linear_fc1.layer_norm_weight"
+    assert canonical_name(te, local) == "decoder.layers.5.mlp.linear_fc1.layer_norm_weight"
+    assert canonical_name("output_layer.weight", local) == "output_layer.weight"
