@@ -1,4 +1,4 @@
-"""HF safetensors -> Megatron `torch_dist` checkpoint, one process per TP x PP shard.
+"""HF safetensors -> Megatron `torch_dist` checkpoint, in one process or one per TP x PP shard.
 
 Each rank builds its own stage of the model on the meta device (shapes and sharding, no weights), and
 all ranks save together with `dist_checkpointing.save(model.sharded_state_dict())`, each chunk computed
