@@ -70,7 +70,8 @@ def _stream_report(model, spec, hf_dir: Path) -> dict:
 
 def _worker(root: str):
     """Per layout and family: import (meta model, streamed save), then load the checkpoint the way
-    the trainer does into a real model of the same layout, then logits and live streaming from it."""
+    the trainer does into a real model of the same layout, then logits and live streaming from it;
+    then load the checkpoint imported at the previous layout into that model and stream again."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -111,13 +112,18 @@ def _worker(root: str):
                 torch.save(logits[..., : spec.vocab_size].clone(), root / "logits" / f"{tag}.pt")
             report = _stream_report(model, spec, hf_dir)
             (root / "stream" / f"{tag}-rank{rank}.json").write_text(json.dumps(report))
+            if (tp, pp) != LAYOUTS[0]:  # the checkpoint imported at the previous layout loads here too
+                prev = LAYOUTS[LAYOUTS.index((tp, pp)) - 1]
+                load_model_weights(root / "meg" / _tag(case, *prev), model)
+                report = _stream_report(model, spec, hf_dir)
+                (root / "cross" / f"{tag}-rank{rank}.json").write_text(json.dumps(report))
         destroy_distributed(keep_process_group=True)
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("layouts")
-    for sub in ("hf", "meg", "logits", "stream", "ref"):
+    for sub in ("hf", "meg", "logits", "stream", "cross", "ref"):
         (root / sub).mkdir()
     tokens = _tokens()
     for i, case in enumerate(CASES):
@@ -174,3 +180,14 @@ def test_live_streaming_gives_every_rank_the_exact_hf_tensors(converted: Path, c
         report = json.loads((converted / "stream" / f"{_tag(case, tp, pp)}-rank{rank}.json").read_text())
         assert report["names_equal"] and not report["mismatched"], (rank, report)
         assert report["oversized"] == 0 and report["buckets"] > 1, (rank, report)
+
+
+CROSS = [(case, tp, pp) for case, tp, pp in PARAMS if (tp, pp) != LAYOUTS[0]]
+
+
+@pytest.mark.parametrize("case,tp,pp", CROSS, ids=[_tag(*p) for p in CROSS])
+def test_checkpoint_imported_at_one_layout_loads_at_another(converted: Path, case, tp, pp):
+    """(1,1) -> (2,1) -> (1,2) -> (2,2): TP=1 vs TP=2 also means a different vocab padding."""
+    for rank in range(WORLD):
+        report = json.loads((converted / "cross" / f"{_tag(case, tp, pp)}-rank{rank}.json").read_text())
+        assert report["names_equal"] and not report["mismatched"], (rank, report)
