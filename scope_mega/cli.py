@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         func=_cmd_sft
     )
     _add_run_parser(sub, "train", "RL training (GRPO + SCOPE) of the policy").set_defaults(func=_cmd_train)
+    from scope_mega.convert import add_convert_parser
+
+    add_convert_parser(sub)
     # Overrides may come before or after flags (`CONFIG --dry-run a.b=1`): collect stray key=values.
     args, extra = parser.parse_known_args(argv)
     stray = [x for x in extra if "=" not in x or x.startswith("-")]

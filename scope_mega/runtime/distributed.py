@@ -92,12 +92,16 @@ def init_distributed(
     if not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        dist.init_process_group(
-            backend="nccl" if dev.type == "cuda" else "gloo",
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-        )
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: its agent's store is the rendezvous
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                rank=env.rank,
+                world_size=env.world_size,
+            )
     world = dist.get_world_size()
     if world % (tp * pp * cp):
         raise ValueError(f"world size {world} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")

@@ -34,7 +34,7 @@ def _train(run_dir: Path, steps: int) -> None:
     cmd = [
         str(torchrun),
         "--nproc-per-node=2",
-        "--master-port=0",
+        "--standalone",
         "-m",
         "scope_mega.cli",
         "train",

@@ -22,7 +22,7 @@ def _error(overrides: list[str], capsys) -> str:
 
 
 def test_overrides_are_typed_and_applied():
-    cfg = load_config(TINY, ["optim.lr=0.5", "parallel.tp=2", "model.hf_config.hidden_size=256"])
+    cfg = load_config(TINY, ["optim.lr=5e-1", "parallel.tp=2", "model.hf_config.hidden_size=256"])
     assert cfg.optim.lr == 0.5 and cfg.parallel.tp == 2
     assert cfg.model.hf_config["hidden_size"] == 256
     assert cfg.task.ops == ("+", "-", "*")
