@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The tiny CPU demo: SFT warm-start, then GRPO + SCOPE RL, then curves and a markdown report.
+DEMO_DIR ?= runs/demo
 demo: venv
-	$(PY) -m scope_mega.cli sft examples/tiny_cpu.yaml
+	$(PY) -m scope_mega.cli sft examples/tiny_cpu.yaml run_dir=$(DEMO_DIR)
+	$(PY) -m scope_mega.cli train examples/tiny_cpu.yaml run_dir=$(DEMO_DIR)
+	$(PY) tools/plot_metrics.py $(DEMO_DIR) --report
 
 lint: venv
 	$(VENV)/bin/ruff check .

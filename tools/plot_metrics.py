@@ -1,0 +1,110 @@
+"""Render a run's `metrics.jsonl` to PNG curves, and optionally a short markdown report.
+
+    python tools/plot_metrics.py RUN_DIR [--report]
+
+Writes RUN_DIR/plots/<stage>_<metric>.png for the main training curves and, with --report,
+RUN_DIR/report.md: held-out results before and after each stage, with the plots linked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CURVES = {
+    "sft": ["loss", "lr"],
+    "rl": [
+        "reward",
+        "rollout/accuracy",
+        "scope/salvaged",
+        "loss",
+        "entropy",
+        "eval/greedy_acc",
+        "eval/pass@8",
+    ],
+}
+
+
+def read(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot(run_dir: Path) -> list[Path]:
+    """One PNG per (stage, metric) that has data; returns the written paths."""
+    rows, out = read(run_dir), []
+    (run_dir / "plots").mkdir(exist_ok=True)
+    for stage, names in CURVES.items():
+        for name in names:
+            pts = [(m["step"], m[name]) for m in rows if m.get("stage") == stage and name in m]
+            if not pts:
+                continue
+            fig, ax = plt.subplots(figsize=(5, 3.2))
+            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
+            ax.set(xlabel="step", ylabel=name, title=f"{stage}: {name}")
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            path = run_dir / "plots" / f"{stage}_{name.replace('/', '_').replace('@', 'at')}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            out.append(path)
+    return out
+
+
+def report(run_dir: Path, plots: list[Path]) -> Path:
+    """Markdown summary: held-out evaluation before/after, last training metrics, plots."""
+    rows = read(run_dir)
+    lines = [f"# Run report: {run_dir.name}", ""]
+    sft_eval = [m for m in rows if m.get("stage") == "sft" and "heldout_acc_greedy" in m]
+    if sft_eval:
+        m = sft_eval[-1]
+        lines += [
+            "## SFT warm-start",
+            f"After {m['step']} steps: held-out greedy accuracy {m['heldout_acc_greedy']:.3f}, "
+            f"sampled (T=1) {m['heldout_acc_sampled']:.3f}.",
+            "",
+        ]
+    rl_eval = [m for m in rows if m.get("stage") == "rl" and any(k.startswith("eval/") for k in m)]
+    if rl_eval:
+        keys = [k for k in rl_eval[0] if k.startswith("eval/")]
+        lines += [
+            "## RL (held-out evaluation)",
+            "",
+            "| step | " + " | ".join(keys) + " |",
+            "|---" * (len(keys) + 1) + "|",
+        ]
+        for m in rl_eval:
+            lines.append(
+                f"| {m['step']} | " + " | ".join(f"{m.get(k, float('nan')):.3f}" for k in keys) + " |"
+            )
+        lines.append("")
+    lines += ["## Curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    path = run_dir / "report.md"
+    tmp = path.with_name("report.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--report", action="store_true", help="also write RUN_DIR/report.md")
+    args = parser.parse_args()
+    if not (args.run_dir / "metrics.jsonl").is_file():
+        raise SystemExit(f"error: {args.run_dir}/metrics.jsonl not found; is this a run directory?")
+    plots = plot(args.run_dir)
+    print(f"wrote {len(plots)} plots to {args.run_dir / 'plots'}")
+    if args.report:
+        print(f"wrote {report(args.run_dir, plots)}")
+
+
+if __name__ == "__main__":
+    main()
