@@ -41,10 +41,14 @@ def _cmd_sft(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if args.dry_run:
+    if args.dry_run:  # validated for the target device (see scope_mega/plan.py), then the plan
+        from scope_mega.plan import format_plan, load_config_for_target, make_plan
+
+        cfg, target, refusal = load_config_for_target(args.config, args.overrides, args.target)
         _print_config(cfg)
+        print(format_plan(make_plan(cfg, target, args.world_size, args.gpu_memory_gib, refusal)))
         return 0
+    cfg = load_config(args.config, args.overrides)
     from scope_mega.trainer import run_train
 
     run_train(cfg)
@@ -57,10 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_parser(sub, "sft", "supervised warm-start of the policy on the toy task").set_defaults(
         func=_cmd_sft
     )
-    _add_run_parser(sub, "train", "RL training (GRPO + SCOPE) of the policy").set_defaults(func=_cmd_train)
+    train = _add_run_parser(sub, "train", "RL training (GRPO + SCOPE) of the policy")
+    train.set_defaults(func=_cmd_train)
+    from scope_mega.plan import add_plan_arguments
+
+    add_plan_arguments(train)
     from scope_mega.convert import add_convert_parser
 
     add_convert_parser(sub)
+    from scope_mega.eval import add_eval_parser
+
+    add_eval_parser(sub)
     # Overrides may come before or after flags (`CONFIG --dry-run a.b=1`): collect stray key=values.
     args, extra = parser.parse_known_args(argv)
     stray = [x for x in extra if "=" not in x or x.startswith("-")]

@@ -1,0 +1,465 @@
+"""Evaluation on math benchmarks: avg@n and pass@k, from a rollout engine or from saved responses.
+
+Benchmarks are JSON Lines in the formats of the Qwen2.5-Math evaluation suite; field names differ
+per set, so ONE table (`FORMATS`) says where each set keeps its question and its reference answer and
+how to turn the stored answer into a string the `MathVerifier` accepts:
+
+| format        | question   | reference                                  |
+|---------------|------------|--------------------------------------------|
+| aime24        | `problem`  | `answer`                                   |
+| amc23         | `question` | `answer` (a float: 27.0 -> "27")           |
+| minerva_math  | `problem`  | last `\\boxed{...}` inside `solution`       |
+| olympiadbench | `question` | `final_answer` (list of strings, joined)   |
+| gsm8k         | `question` | `answer`, text after the last `#### `      |
+| math_cot      | `question` | `gt` (saved-response files, e.g. verifier/) |
+
+The format is told (`format=`) or detected: first from the file name (`aime24.jsonl` -> aime24),
+then from the first row's fields (`detect_format`).
+
+Two modes:
+- engine: `evaluate_engine(engine, encode, problems, sampling, template)` samples `sampling.n`
+  responses per problem from any `RolloutEngine` (`make_engine(kind, model_dir)`), then scores them.
+- scoring: `load_responses(path)` reads a JSONL with a list of responses per problem (`response` or
+  `responses`) next to its reference; `score(...)` judges them with the same verifier.
+
+Metrics per benchmark: avg@n = mean over problems of (correct / n) -- the expected accuracy of one
+sample; pass@k = mean over problems of the unbiased estimator 1 - C(n-c, k)/C(n, k)
+(`metrics.pass_at_k`), for every k <= n asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scope_mega.metrics import pass_at_k
+from scope_mega.rewards.base import Verifier
+from scope_mega.rewards.math_verifier import extract_boxed
+
+
+class EvalDataError(ValueError):
+    """A benchmark or responses file that does not fit the expected format."""
+
+
+# ----------------------------------------------------------------------------- the mapping table
+
+
+def _plain(value: Any) -> str:
+    return str(value).strip()
+
+
+def _number(value: Any) -> str:
+    """27.0 -> "27"; other floats keep their shortest repr."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _last_boxed(value: Any) -> str:
+    boxed = extract_boxed(str(value))
+    if boxed is None:
+        raise EvalDataError("no \\boxed{...} in the solution")
+    return boxed
+
+
+def _joined_list(value: Any) -> str:
+    items = value if isinstance(value, list) else [value]
+    return ", ".join(str(v).strip().strip("$").strip() for v in items)
+
+
+def _after_hashes(value: Any) -> str:
+    text = str(value)
+    if "####" not in text:
+        raise EvalDataError("no '#### ' final-answer marker in the answer")
+    return text.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+@dataclass(frozen=True)
+class BenchmarkFormat:
+    question: str
+    answer: str
+    convert: Callable[[Any], str]
+
+
+FORMATS: dict[str, BenchmarkFormat] = {
+    "aime24": BenchmarkFormat("problem", "answer", _plain),
+    "amc23": BenchmarkFormat("question", "answer", _number),
+    "minerva_math": BenchmarkFormat("problem", "solution", _last_boxed),
+    "olympiadbench": BenchmarkFormat("question", "final_answer", _joined_list),
+    "gsm8k": BenchmarkFormat("question", "answer", _after_hashes),
+    "math_cot": BenchmarkFormat("question", "gt", _plain),
+}
+
+
+def detect_format(row: dict[str, Any], filename: str | None = None) -> str:
+    """The `FORMATS` key for a file: its stem when that names a format, else from the row's fields."""
+    if filename is not None:
+        stem = Path(filename).name.split(".")[0].lower()
+        if stem in FORMATS:
+            return stem
+    if "final_answer" in row:
+        return "olympiadbench"
+    if "gt" in row and "question" in row:
+        return "math_cot"
+    answer = row.get("answer")
+    if "question" in row and isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        return "amc23"
+    if "question" in row and isinstance(answer, str) and "####" in answer:
+        return "gsm8k"
+    if "problem" in row and "answer" in row:
+        return "aime24"
+    if "problem" in row and "solution" in row:
+        return "minerva_math"
+    raise EvalDataError(
+        f"cannot detect the benchmark format from fields {sorted(row)}; pass format= one of "
+        f"{', '.join(FORMATS)}"
+    )
+
+
+@dataclass
+class Problem:
+    question: str
+    answer: str  # the reference answer as the verifier takes it
+    index: int  # row number in its file
+    source: str  # benchmark name
+    responses: list[str] = field(default_factory=list)  # scoring mode: saved responses
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise EvalDataError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    if not rows:
+        raise EvalDataError(f"{path} has no rows")
+    return rows
+
+
+def _to_problems(
+    rows: list[dict[str, Any]], path: Path, fmt: str | None, name: str | None
+) -> tuple[str, list[Problem]]:
+    fmt = fmt or detect_format(rows[0], path.name)
+    if fmt not in FORMATS:
+        raise EvalDataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    spec = FORMATS[fmt]
+    source = name or path.name.split(".")[0]
+    problems = []
+    for i, row in enumerate(rows):
+        for key in (spec.question, spec.answer):
+            if key not in row:
+                raise EvalDataError(f"{path} row {i}: format {fmt} needs field '{key}'")
+        try:
+            answer = spec.convert(row[spec.answer])
+        except EvalDataError as e:
+            raise EvalDataError(f"{path} row {i}: {e}") from None
+        problems.append(Problem(str(row[spec.question]), answer, i, source))
+    return fmt, problems
+
+
+def load_benchmark(path: str | Path, format: str | None = None, limit: int | None = None) -> list[Problem]:
+    """Problems of one benchmark file (format told or detected), optionally the first `limit`."""
+    path = Path(path)
+    rows = _read_jsonl(path)[:limit]
+    return _to_problems(rows, path, format, None)[1]
+
+
+RESPONSE_FIELDS = ("responses", "response", "completions")
+
+
+def load_responses(path: str | Path, format: str | None = None) -> list[Problem]:
+    """Problems with saved responses (a list under `responses`/`response`/`completions`); the
+    question/reference fields follow `FORMATS` (detected or told), e.g. verifier/math_cot_100.jsonl."""
+    path = Path(path)
+    rows = _read_jsonl(path)
+    _, problems = _to_problems(rows, path, format, None)
+    for problem, row in zip(problems, rows):
+        key = next((k for k in RESPONSE_FIELDS if k in row), None)
+        if key is None:
+            raise EvalDataError(
+                f"{path} row {problem.index}: no responses field ({', '.join(RESPONSE_FIELDS)})"
+            )
+        value = row[key]
+        problem.responses = [str(r) for r in (value if isinstance(value, list) else [value])]
+    return problems
+
+
+# ----------------------------------------------------------------------------- prompts
+
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+TEMPLATES: dict[str, str] = {
+    # Qwen2.5-Math's CoT evaluation prompt (ChatML).
+    "qwen-boxed": (
+        "<|im_start|>system\n" + BOXED_INSTRUCTION + "<|im_end|>\n"
+        "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    # Llama 3 chat format with the same instruction.
+    "llama3-boxed": (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{question}\n"
+        + BOXED_INSTRUCTION
+        + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    "plain": "Question: {question}\n" + BOXED_INSTRUCTION + "\nAnswer: ",
+    "raw": "{question}",
+}
+
+
+def resolve_template(template: str) -> str:
+    """A template name from `TEMPLATES`, or a literal template containing `{question}`."""
+    if template in TEMPLATES:
+        return TEMPLATES[template]
+    if "{question}" not in template:
+        raise ValueError(f"template must be one of {', '.join(TEMPLATES)} or contain '{{question}}'")
+    return template
+
+
+def render_prompt(template: str, question: str) -> str:
+    return resolve_template(template).replace("{question}", question)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class BenchmarkResult:
+    name: str
+    problems: int
+    n: int  # samples per problem (the smallest, when they differ)
+    correct: int  # correct responses in total
+    responses: int  # responses in total
+    avg: float  # avg@n
+    pass_at: dict[int, float]  # k -> pass@k
+    per_problem: list[dict[str, Any]] = field(default_factory=list)
+
+
+def score(
+    problems: Sequence[Problem], verifier: Verifier, ks: Sequence[int] = (1,), name: str | None = None
+) -> BenchmarkResult:
+    """Judge every problem's `responses` against its answer; avg@n and pass@k for k <= n."""
+    if not problems:
+        raise EvalDataError("nothing to score")
+    flat = [(i, r) for i, p in enumerate(problems) for r in p.responses]
+    verdicts = verifier.verify_batch([r for _, r in flat], [problems[i].answer for i, _ in flat])
+    per: list[list] = [[] for _ in problems]
+    for (i, _), v in zip(flat, verdicts):
+        per[i].append(v)
+    n_min = min(len(p.responses) for p in problems)
+    if n_min == 0:
+        raise EvalDataError("a problem has no responses")
+    per_problem, avgs = [], []
+    passes: dict[int, list[float]] = {k: [] for k in ks if k <= n_min}
+    for p, vs in zip(problems, per):
+        c = sum(v.correct for v in vs)
+        avgs.append(c / len(vs))
+        for k in passes:
+            passes[k].append(pass_at_k(len(vs), c, k))
+        per_problem.append(
+            {
+                "index": p.index,
+                "answer": p.answer,
+                "correct": [v.correct for v in vs],
+                "extracted": [v.extracted for v in vs],
+            }
+        )
+    return BenchmarkResult(
+        name=name or problems[0].source,
+        problems=len(problems),
+        n=n_min,
+        correct=sum(sum(pp["correct"]) for pp in per_problem),
+        responses=len(flat),
+        avg=sum(avgs) / len(avgs),
+        pass_at={k: sum(v) / len(v) for k, v in passes.items()},
+        per_problem=per_problem,
+    )
+
+
+def evaluate_engine(
+    engine,
+    encode: Callable[[str], list[int]],
+    problems: Sequence[Problem],
+    sampling,
+    verifier: Verifier,
+    template: str = "qwen-boxed",
+    ks: Sequence[int] = (1,),
+    batch_size: int = 64,
+    name: str | None = None,
+) -> BenchmarkResult:
+    """Sample `sampling.n` responses per problem from `engine` (prompts rendered with `template` and
+    tokenised with `encode`), store them on the problems, and score them."""
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        prompts = [encode(render_prompt(template, p.question)) for p in chunk]
+        for p, completions in zip(chunk, engine.generate(prompts, sampling)):
+            p.responses = [c.text for c in completions]
+    return score(problems, verifier, ks, name)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_table(results: Sequence[BenchmarkResult]) -> str:
+    """A plain-text table: one row per benchmark, then the macro average over benchmarks."""
+    ks = sorted({k for r in results for k in r.pass_at})
+    head = ["benchmark", "problems", "n", "avg@n", *[f"pass@{k}" for k in ks]]
+    rows = [
+        [
+            r.name,
+            str(r.problems),
+            str(r.n),
+            f"{100 * r.avg:.1f}",
+            *[f"{100 * r.pass_at[k]:.1f}" if k in r.pass_at else "-" for k in ks],
+        ]
+        for r in results
+    ]
+    if len(results) > 1:
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        rows.append(
+            [
+                "average",
+                str(sum(r.problems for r in results)),
+                "",
+                f"{100 * mean([r.avg for r in results]):.1f}",
+                *[
+                    f"{100 * mean([r.pass_at[k] for r in results if k in r.pass_at]):.1f}"
+                    if any(k in r.pass_at for r in results)
+                    else "-"
+                    for k in ks
+                ],
+            ]
+        )
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def results_json(results: Sequence[BenchmarkResult], per_problem: bool = True) -> dict[str, Any]:
+    out = {}
+    for r in results:
+        d = asdict(r)
+        d["pass_at"] = {f"pass@{k}": v for k, v in r.pass_at.items()}
+        d["avg@n"] = d.pop("avg")
+        if not per_problem:
+            d.pop("per_problem")
+        out[r.name] = d
+    if results:
+        out["average"] = {
+            "avg@n": sum(r.avg for r in results) / len(results),
+            "problems": sum(r.problems for r in results),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def load_encoder(model_dir: str | Path) -> Callable[[str], list[int]]:
+    """`encode(text)` for the tokenizer stored with a model (no special tokens added: the template
+    writes them)."""
+    from scope_mega.data.tokenizer import MODEL_FILENAME, load_tokenizer
+
+    path = Path(model_dir)
+    if (path / MODEL_FILENAME).is_file():
+        tok = load_tokenizer(path)
+        return tok.encode
+    import transformers
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return lambda text: hf_tok.encode(text, add_special_tokens=False)
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="avg@n / pass@k on math benchmarks (engine or saved responses)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory served by the rollout engine")
+    src.add_argument("--responses", nargs="+", help="JSONL files with saved responses per problem (scoring)")
+    p.add_argument("--benchmarks", nargs="*", default=[], help="benchmark JSONL files (with --model)")
+    p.add_argument("--format", default=None, choices=list(FORMATS), help="field format (default: detect)")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    p.add_argument(
+        "--template", default="qwen-boxed", help=f"{', '.join(TEMPLATES)} or a '{{question}}' string"
+    )
+    p.add_argument("-n", "--n", type=int, default=8, help="samples per problem")
+    p.add_argument("-k", "--k", type=int, nargs="+", default=[1, 8], help="pass@k values (k <= n)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per engine call")
+    p.add_argument("--out", default=None, help="write results JSON here")
+    p.set_defaults(func=run_eval_cli)
+
+
+def run_eval_cli(args) -> int:
+    import sys
+
+    from scope_mega.rewards.math_verifier import MathVerifier
+
+    results = []
+    try:
+        with MathVerifier() as verifier:
+            if args.responses:
+                for path in args.responses:
+                    problems = load_responses(path, args.format)[: args.limit]
+                    results.append(score(problems, verifier, args.k))
+            else:
+                if not args.benchmarks:
+                    print("eval: --model needs --benchmarks FILE...", file=sys.stderr)
+                    return 2
+                from scope_mega.rollout.engine import SamplingParams, make_engine
+
+                engine = make_engine(args.engine, args.model)
+                encode = load_encoder(args.model)
+                sampling = SamplingParams(
+                    n=args.n,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    max_new_tokens=args.max_new_tokens,
+                    seed=args.seed,
+                )
+                for path in args.benchmarks:
+                    problems = load_benchmark(path, args.format, args.limit)
+                    results.append(
+                        evaluate_engine(
+                            engine,
+                            encode,
+                            problems,
+                            sampling,
+                            verifier,
+                            args.template,
+                            args.k,
+                            args.batch_size,
+                        )
+                    )
+    except EvalDataError as e:
+        print(f"eval error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results_json(results), indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+__all__ = [
+    "FORMATS",
+    "TEMPLATES",
+    "BenchmarkResult",
+    "EvalDataError",
+    "Problem",
+    "detect_format",
+    "evaluate_engine",
+    "format_table",
+    "load_benchmark",
+    "load_responses",
+    "render_prompt",
+    "results_json",
+    "score",
+]

@@ -1,0 +1,469 @@
+"""Dry-run plan: validate a config for its target device, lay out the roles, estimate GPU memory.
+
+`scope-mega train CONFIG --dry-run` prints the resolved config, then this plan.
+
+Target device. A cluster config (`device: auto` or `cuda`) is validated *as if on a CUDA node*
+(`--target cuda`, the default for such configs) so that it can be checked on a CPU login node: every
+structural check of `config.validate` runs (heads/KV groups vs TP, layers vs PP, batch divisibility),
+with the device-dependent part evaluated for CUDA: `transformer_impl: auto` resolves to Transformer
+Engine (the `[gpu]` extra is assumed installed there), FP8 is accepted with TE and rejected with
+`transformer_impl: local`, and FP8 GEMM shapes must be multiples of 16. The plan then also says
+whether a run *on this machine* would be refused, and why. `device: cpu` configs (or `--target cpu`)
+are validated exactly as a run here would be.
+
+Layout per role (world size W GPUs, from `--world-size`, else $WORLD_SIZE / $SLURM_NTASKS, else TP*PP):
+- policy trainer: Megatron TP x PP x DP with DP = W / (TP*PP*CP).
+- rollout engine: `rollout.vllm_tensor_parallel_size` GPUs per replica (1 for the hf engine), W / TP_e
+  replicas colocated with the trainer (the engine sleeps while the trainer runs).
+- PRM (`guide.prm: model`): a Megatron forward-only model at the policy's TP (PP 1), colocated.
+- guide (`scope.guide: engine`): a second engine of the rollout kind and TP.
+
+Memory per GPU, bytes (P = parameters held by one GPU on the heaviest pipeline stage; TP-sharded
+matrices divided by TP, norms replicated; embedding on the first stage, output layer on the last):
+- weights: P * 2 (bf16) or P * 4 (fp32)
+- grads: P * 4 (Megatron DDP with `grad_reduce_in_fp32=True`, as `train_step` builds it)
+- Adam: P * 12 with bf16 params (fp32 master copy + m + v), P * 8 with fp32 params; the distributed
+  optimizer divides this by DP. Both figures are printed; the total uses the configured one.
+- FP8 weight copies (TE, FP8 on): 2 bytes per linear-layer parameter (the FP8 weight and its transpose).
+- activations (rough, bf16, no recomputation, flash attention so no s^2 term, no dropout masks):
+  per token per layer  2 * [4h / (TP if sequence_parallel else 1) + ((2H + 2G) * d + 3f) / TP]
+  (the two norm inputs and the two matmul inputs of width h; Q, K, V, the attention output; the
+  gate/up output 2f and the SwiGLU output f), times tokens per micro batch
+  (rl.micro_batch_size * (data.max_prompt_tokens + rollout.max_new_tokens)), times layers per stage,
+  times micro batches in flight on the first stage under 1F1B (min(PP, micro batches per step)); plus
+  the fp32 logits and their gradient on the last stage: tokens * padded_vocab / TP * 8. FP8 stores some
+  GEMM inputs in 1 byte, so with FP8 this is an upper bound.
+- engine: weights = params * (1 if vllm_fp8_weights else 2) / TP_e; budget = gpu_memory_utilization *
+  GPU memory; KV cache = budget - weights (vLLM's own activation workspace is not subtracted); KV bytes
+  per token = 2 (K and V) * layers * max(1, G / TP_e) * d * 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scope_mega.config import ConfigError, RunConfig, apply_overrides, from_dict, load_config, validate
+
+GIB = 1024**3
+
+
+# ----------------------------------------------------------------------------- validation for a target
+
+
+def _target_check(cfg: RunConfig, target: str) -> None:
+    """Device-dependent checks of `config.validate`, evaluated for `target` instead of this machine."""
+    from scope_mega.models.arch import load_hf_config
+
+    if target == "cuda":
+        if cfg.device == "cpu":
+            raise ConfigError("device=cpu cannot target a CUDA node; set device: auto (or cuda)")
+        impl = "te" if cfg.model.transformer_impl == "auto" else cfg.model.transformer_impl
+        if cfg.model.fp8.enabled:
+            if impl != "te":
+                raise ConfigError(
+                    "model.fp8.enabled needs Transformer Engine; set model.transformer_impl=te or auto"
+                )
+            hf = load_hf_config(cfg.model.hf_config)
+            tp = cfg.parallel.tp
+            dims = {"hidden_size": hf.hidden_size, "intermediate_size / tp": hf.intermediate_size / tp}
+            for name, value in dims.items():
+                if value % 16:
+                    raise ConfigError(f"FP8 GEMMs need multiples of 16: {name} = {value:g}")
+    elif cfg.device == "cuda":
+        raise ConfigError("device=cuda cannot target a CPU run; set device: auto or cpu")
+
+
+_DEVICE_NEUTRAL = ("device=cpu", "model.transformer_impl=local", "model.fp8.enabled=false")
+
+
+def load_config_for_target(
+    path: str | Path, overrides: list[str] = (), target: str | None = None
+) -> tuple[RunConfig, str, str | None]:
+    """(config, target, refusal_here). `target` None picks cuda for `device: auto|cuda` configs,
+    else cpu. `refusal_here` is the ConfigError a real run on this machine would stop with (None if
+    it would start). Structural mistakes raise ConfigError as `load_config` does."""
+    overrides = list(overrides)
+    # Everything that does not depend on the device (and file/YAML errors), checked by config.validate.
+    load_config(path, [*overrides, *_DEVICE_NEUTRAL])
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    cfg = from_dict(RunConfig, apply_overrides(data, overrides))
+    if target is None:
+        target = "cpu" if cfg.device == "cpu" else "cuda"
+    if target not in ("cpu", "cuda"):
+        raise ConfigError(f"--target must be cpu or cuda, got {target!r}")
+    _target_check(cfg, target)
+    if target == "cpu":
+        validate(cfg)  # exactly what a run here checks
+        return cfg, "cpu", None
+    try:
+        validate(cfg)
+        refusal = None
+    except ConfigError as e:
+        refusal = str(e)
+    return cfg, "cuda", refusal
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The numbers the estimates need, from an HF config."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_hf(cls, hf) -> Arch:
+        from scope_mega.models import arch
+
+        return cls(
+            hidden=hf.hidden_size,
+            layers=hf.num_hidden_layers,
+            heads=hf.num_attention_heads,
+            kv_heads=arch.num_kv_heads(hf),
+            head_dim=arch.head_dim(hf),
+            ffn=hf.intermediate_size,
+            vocab=hf.vocab_size,
+            tied=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=arch.has_qkv_bias(hf),
+            qk_norm=arch.has_qk_norm(hf),
+        )
+
+    def layer_sharded(self) -> int:
+        """Parameters of one layer that TP splits (QKV with bias, attention output, gate/up/down)."""
+        h, d, q = self.hidden, self.head_dim, self.heads * self.head_dim
+        qkv_rows = q + 2 * self.kv_heads * d
+        return qkv_rows * h + (qkv_rows if self.qkv_bias else 0) + q * h + 3 * h * self.ffn
+
+    def layer_replicated(self) -> int:
+        """Parameters of one layer every TP rank holds (the two RMSNorms, q/k norms)."""
+        return 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+
+    def total(self, vocab: int | None = None) -> int:
+        """All parameters, with `vocab` rows of embedding (default: the HF vocab, i.e. the HF count)."""
+        v = self.vocab if vocab is None else vocab
+        emb = v * self.hidden * (1 if self.tied else 2)
+        return emb + self.layers * (self.layer_sharded() + self.layer_replicated()) + self.hidden
+
+    def per_gpu(self, tp: int, pp: int, padded_vocab: int) -> int:
+        """Parameters one GPU holds on the heaviest pipeline stage."""
+        per_layer = self.layer_sharded() // tp + self.layer_replicated()
+        stage = self.layers // pp * per_layer
+        emb = padded_vocab * self.hidden // tp
+        if pp == 1:
+            return stage + emb * (1 if self.tied else 2) + self.hidden
+        # embedding on the first stage; output layer (or its tied mirror) + final norm on the last
+        return stage + emb + self.hidden
+
+    def kv_bytes_per_token(self, tp: int, dtype_bytes: int = 2) -> int:
+        return 2 * self.layers * max(1, self.kv_heads // tp) * self.head_dim * dtype_bytes
+
+    def activation_bytes_per_token_layer(self, tp: int, sequence_parallel: bool) -> float:
+        h, d = self.hidden, self.head_dim
+        replicated = 4 * h / (tp if sequence_parallel and tp > 1 else 1)
+        sharded = ((2 * self.heads + 2 * self.kv_heads) * d + 3 * self.ffn) / tp
+        return 2 * (replicated + sharded)
+
+
+def _arch_of_dir(path: str | None) -> Arch | None:
+    """The architecture in `<path>/config.json` when that file is readable here, else None."""
+    if not path or not (Path(path) / "config.json").is_file():
+        return None
+    import transformers
+
+    try:
+        return Arch.from_hf(transformers.AutoConfig.from_pretrained(path, local_files_only=True))
+    except Exception:  # an architecture transformers does not know: no estimate, not an error
+        return None
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Role:
+    name: str
+    tp: int
+    pp: int
+    dp: int  # data-parallel ranks (trainer) or replicas (engines)
+    note: str = ""
+
+
+@dataclass
+class TrainerMemory:
+    params_per_gpu: int
+    weights: int
+    grads: int
+    adam: int  # without the distributed optimizer
+    adam_distributed: int  # with it (divided by DP)
+    fp8_weights: int
+    activations: int
+    micro_batches_in_flight: int
+    tokens_per_micro_batch: int
+    distributed_optimizer: bool
+
+    @property
+    def total(self) -> int:
+        adam = self.adam_distributed if self.distributed_optimizer else self.adam
+        return self.weights + self.grads + adam + self.fp8_weights + self.activations
+
+
+@dataclass
+class EngineMemory:
+    tp: int
+    weights: int
+    budget: int
+    kv_cache: int
+    kv_bytes_per_token: int
+    max_tokens: int
+    max_sequences: int  # full-length sequences that fit in the KV cache at once, per replica
+
+
+@dataclass
+class Plan:
+    target: str
+    refusal_here: str | None
+    world_size: int
+    gpu_memory: int
+    dtype: str
+    params: int  # HF parameter count of the policy
+    padded_vocab: int
+    seq_len: int
+    roles: list[Role]
+    trainer: TrainerMemory
+    engine: EngineMemory
+    helpers: dict[str, dict[str, Any]] = field(default_factory=dict)  # prm / guide weights per GPU
+    warnings: list[str] = field(default_factory=list)
+
+
+def default_world_size(cfg: RunConfig) -> int:
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
+
+
+def make_plan(
+    cfg: RunConfig,
+    target: str = "cuda",
+    world_size: int | None = None,
+    gpu_memory_gib: float = 80.0,
+    refusal_here: str | None = None,
+) -> Plan:
+    """The layout and per-GPU memory estimates of `cfg` on `world_size` GPUs of `gpu_memory_gib`."""
+    from scope_mega.models.arch import load_hf_config, padded_vocab_size
+
+    par = cfg.parallel
+    hf = load_hf_config(cfg.model.hf_config)
+    a = Arch.from_hf(hf)
+    model_parallel = par.tp * par.pp * par.cp
+    world = world_size or default_world_size(cfg)
+    if world % model_parallel:
+        raise ConfigError(f"world size {world} is not a multiple of tp*pp*cp = {model_parallel}")
+    dp = world // model_parallel
+    padded = padded_vocab_size(a.vocab, cfg.model.make_vocab_size_divisible_by, par.tp)
+    dtype = cfg.model.params_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if target == "cuda" else "float32"
+    pbytes = 2 if dtype == "bfloat16" else 4
+    warnings = []
+
+    # trainer
+    p_gpu = a.per_gpu(par.tp, par.pp, padded)
+    adam = p_gpu * (12 if pbytes == 2 else 8)
+    fp8 = cfg.model.fp8.enabled and target == "cuda"
+    linear_gpu = a.layers // par.pp * a.layer_sharded() // par.tp
+    seq = (cfg.data.max_prompt_tokens if cfg.data.task == "math" else 0) + cfg.rollout.max_new_tokens
+    tokens_mb = cfg.rl.micro_batch_size * seq
+    seqs_per_rank = -(-cfg.rl.prompts_per_step * cfg.rl.group_size // dp)
+    n_micro = max(1, -(-seqs_per_rank // cfg.rl.micro_batch_size))
+    in_flight = min(par.pp, n_micro)
+    per_layer = a.activation_bytes_per_token_layer(par.tp, par.sequence_parallel)
+    stage_layers = a.layers // par.pp
+    logits = tokens_mb * padded // par.tp * 8
+    first = stage_layers * in_flight * tokens_mb * per_layer + (logits if par.pp == 1 else 0)
+    last = stage_layers * tokens_mb * per_layer + logits
+    trainer = TrainerMemory(
+        params_per_gpu=p_gpu,
+        weights=p_gpu * pbytes,
+        grads=p_gpu * 4,
+        adam=adam,
+        adam_distributed=-(-adam // dp),
+        fp8_weights=2 * linear_gpu if fp8 else 0,
+        activations=int(max(first, last)),
+        micro_batches_in_flight=in_flight,
+        tokens_per_micro_batch=tokens_mb,
+        distributed_optimizer=par.distributed_optimizer,
+    )
+    gpu_mem = int(gpu_memory_gib * GIB)
+    if trainer.total > 0.9 * gpu_mem:
+        warnings.append(
+            f"trainer estimate {trainer.total / GIB:.1f} GiB exceeds 90% of {gpu_memory_gib:g} GiB per GPU"
+        )
+    if par.distributed_optimizer and dp == 1:
+        warnings.append("distributed_optimizer with DP=1 shards nothing")
+
+    # rollout engine
+    vllm = cfg.rollout.engine == "vllm"
+    etp = cfg.rollout.vllm_tensor_parallel_size if vllm else 1
+    if world % etp:
+        raise ConfigError(f"world size {world} is not a multiple of rollout.vllm_tensor_parallel_size={etp}")
+    util = cfg.rollout.vllm_gpu_memory_utilization if vllm else 1.0
+    wbytes = 1 if (vllm and cfg.rollout.vllm_fp8_weights) else (2 if target == "cuda" else 4)
+    e_weights = a.total() * wbytes // etp
+    budget = int(util * gpu_mem)
+    kv = max(0, budget - e_weights)
+    kv_tok = a.kv_bytes_per_token(etp, 2 if target == "cuda" else 4)
+    engine = EngineMemory(
+        tp=etp,
+        weights=e_weights,
+        budget=budget,
+        kv_cache=kv,
+        kv_bytes_per_token=kv_tok,
+        max_tokens=kv // kv_tok,
+        max_sequences=kv // kv_tok // max(seq, 1),
+    )
+    if kv == 0:
+        warnings.append("rollout engine weights exceed its memory budget: raise engine TP or utilization")
+    if vllm and (a.heads % etp or (etp <= a.kv_heads and a.kv_heads % etp)):
+        warnings.append(f"vLLM TP={etp} does not divide the attention heads / KV heads")
+
+    roles = [
+        Role("policy trainer (Megatron)", par.tp, par.pp, dp, f"{model_parallel} GPUs per model replica"),
+        Role(
+            f"rollout engine ({cfg.rollout.engine})",
+            etp,
+            1,
+            world // etp,
+            "colocated; sleeps while the trainer runs",
+        ),
+    ]
+    helpers: dict[str, dict[str, Any]] = {}
+    if cfg.guide.prm == "model":
+        roles.append(
+            Role("PRM (Megatron, forward only)", par.tp, 1, world // par.tp, cfg.guide.prm_path or "?")
+        )
+        prm = _arch_of_dir(cfg.guide.prm_path)
+        helpers["prm"] = {
+            "path": cfg.guide.prm_path,
+            "weights_per_gpu": prm.total() * 2 // par.tp if prm else None,
+        }
+        if not cfg.guide.prm_path:
+            warnings.append("guide.prm=model without guide.prm_path")
+    else:
+        roles.append(Role("PRM", 0, 0, 0, "oracle (task checker, no GPU)"))
+    if cfg.scope.enabled and cfg.scope.guide == "engine":
+        roles.append(
+            Role(f"guide engine ({cfg.rollout.engine})", etp, 1, world // etp, cfg.guide.guide_model or "?")
+        )
+        guide = _arch_of_dir(cfg.guide.guide_model)
+        helpers["guide"] = {
+            "path": cfg.guide.guide_model,
+            "weights_per_gpu": guide.total() * wbytes // etp if guide else None,
+        }
+        if not cfg.guide.guide_model:
+            warnings.append("scope.guide=engine without guide.guide_model")
+    else:
+        roles.append(Role("guide", 0, 0, 0, f"{cfg.scope.guide if cfg.scope.enabled else 'off'} (no GPU)"))
+
+    return Plan(
+        target=target,
+        refusal_here=refusal_here,
+        world_size=world,
+        gpu_memory=gpu_mem,
+        dtype=dtype,
+        params=a.total(),
+        padded_vocab=padded,
+        seq_len=seq,
+        roles=roles,
+        trainer=trainer,
+        engine=engine,
+        helpers=helpers,
+        warnings=warnings,
+    )
+
+
+def _gib(n: int | float | None) -> str:
+    return "unknown (no config.json here)" if n is None else f"{n / GIB:7.2f} GiB"
+
+
+def format_plan(plan: Plan) -> str:
+    t, e = plan.trainer, plan.engine
+    lines = [
+        f"# plan (target: {plan.target}; world size {plan.world_size}; "
+        f"{plan.gpu_memory / GIB:g} GiB per GPU; params {plan.dtype})",
+    ]
+    if plan.refusal_here:
+        lines.append(
+            f"# note: validated for {plan.target}; a run on THIS machine would stop: {plan.refusal_here}"
+        )
+    lines += [
+        f"model: {plan.params / 1e9:.3f} B parameters (HF count), padded vocab {plan.padded_vocab}, "
+        f"sequence {plan.seq_len} tokens",
+        "",
+        "layout:",
+    ]
+    for r in plan.roles:
+        if r.tp:
+            lines.append(
+                f"  {r.name:34s} TP={r.tp} PP={r.pp} {'DP=' if 'trainer' in r.name else 'replicas='}{r.dp}  "
+                f"{r.note}"
+            )
+        else:
+            lines.append(f"  {r.name:34s} {r.note}")
+    adam_used = "distributed" if t.distributed_optimizer else "replicated"
+    lines += [
+        "",
+        f"policy trainer memory per GPU ({t.params_per_gpu / 1e9:.3f} B params on the heaviest stage):",
+        f"  weights                 {_gib(t.weights)}",
+        f"  grads (fp32)            {_gib(t.grads)}",
+        f"  Adam states             {_gib(t.adam)} replicated / {_gib(t.adam_distributed)} distributed"
+        f" (using {adam_used})",
+        f"  FP8 weight copies       {_gib(t.fp8_weights)}",
+        f"  activations (rough)     {_gib(t.activations)} ({t.micro_batches_in_flight} micro batch(es) in "
+        f"flight x {t.tokens_per_micro_batch} tokens)",
+        f"  total                   {_gib(t.total)}",
+        "",
+        f"rollout engine memory per GPU (TP={e.tp}):",
+        f"  weights                 {_gib(e.weights)}",
+        f"  budget                  {_gib(e.budget)}",
+        f"  KV cache                {_gib(e.kv_cache)} = {e.max_tokens} tokens "
+        f"({e.kv_bytes_per_token} B/token), {e.max_sequences} full sequences per replica",
+    ]
+    for name, h in plan.helpers.items():
+        lines.append(f"{name} weights per GPU:      {_gib(h['weights_per_gpu'])}  ({h['path']})")
+    lines += [f"WARNING: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def plan_json(plan: Plan) -> dict[str, Any]:
+    d = dataclasses.asdict(plan)
+    d["trainer"]["total"] = plan.trainer.total
+    return d
+
+
+def add_plan_arguments(parser) -> None:
+    """Dry-run options of `train`: the target device and the cluster the plan is for."""
+    parser.add_argument(
+        "--target",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="validate for this device (default: from config)",
+    )
+    parser.add_argument("--world-size", type=int, default=None, help="GPUs in the job (plan)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU (plan)")
