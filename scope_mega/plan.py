@@ -355,13 +355,15 @@ def make_plan(
     ]
     helpers: dict[str, dict[str, Any]] = {}
     if cfg.guide.prm == "model":
-        roles.append(
-            Role("PRM (Megatron, forward only)", par.tp, 1, world // par.tp, cfg.guide.prm_path or "?")
-        )
         prm = _arch_of_dir(cfg.guide.prm_path)
+        prm_tp = par.tp  # the policy's TP, capped by what divides the PRM's heads and KV heads
+        if prm is not None:
+            prm_tp = max(t for t in range(1, par.tp + 1) if prm.heads % t == 0 and prm.kv_heads % t == 0)
+        note = f"{cfg.guide.prm_path or '?'}" + ("" if prm else " (TP capped by its KV heads)")
+        roles.append(Role("PRM (Megatron, forward only)", prm_tp, 1, world // prm_tp, note))
         helpers["prm"] = {
             "path": cfg.guide.prm_path,
-            "weights_per_gpu": prm.total() * 2 // par.tp if prm else None,
+            "weights_per_gpu": prm.total() * 2 // prm_tp if prm else None,
         }
         if not cfg.guide.prm_path:
             warnings.append("guide.prm=model without guide.prm_path")
