@@ -98,6 +98,30 @@ def _expect_failure(fn) -> str:
     return "NO ERROR"
 
 
+def _two_stage_scores(model, tokenizer) -> list[list[float]] | None:
+    """Per-step scores with PP=2 (hidden states sent stage to stage), on the last stage; None elsewhere."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from scope_mega.models.prm import prm_conversation, step_probabilities
+
+    sep, out = tokenizer.convert_tokens_to_ids("<extra_0>"), []
+    model.eval()
+    for q, steps in zip(QUESTIONS, STEPS):
+        ids = torch.tensor([tokenizer.encode(prm_conversation(tokenizer, q, steps))])
+        positions = torch.arange(ids.shape[1])[None]
+        with torch.no_grad():
+            if ps.is_pipeline_first_stage():
+                hidden = model(ids, positions, attention_mask=None)
+                dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            else:
+                hidden = torch.empty(ids.shape[1], 1, model.config.hidden_size)
+                dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+                model.set_input_tensor(hidden)
+                out += step_probabilities(model(ids, positions, attention_mask=None), ids == sep)
+    return out if ps.is_pipeline_last_stage() else None
+
+
 def _worker(root: str):
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -153,6 +177,33 @@ def _worker(root: str):
         dist_checkpointing.save(model.sharded_state_dict(), str(root / "nohead" / "model"))
         model, spec = build_prm_model(cfg, ParallelConfig(tp=TP), device)
         report["load_headless"] = _expect_failure(lambda: load_prm_weights(root / "nohead", model, spec))
+
+        # A loader that writes nothing (or only part): the NaN poison catches every unset parameter.
+        import scope_mega.checkpointing as ckpt
+
+        def head_left_unset(path, model):  # loads everything, then "forgets" the head
+            real_load(path, model)
+            model.score[0].weight.data.fill_(float("nan"))
+
+        real_load, ckpt.load_model_weights = ckpt.load_model_weights, head_left_unset
+        try:
+            report["load_silent"] = _expect_failure(lambda: load_prm_weights(out, model, spec))
+        finally:
+            ckpt.load_model_weights = real_load
+        destroy_distributed(keep_process_group=True)
+
+        # PP=2: the TP=2 checkpoint loads into two stages (score head on the last one only); a manual
+        # two-stage forward gives the reference scores; MegatronPRM refuses PP > 1 with a clear error.
+        device = init_distributed(tp=1, pp=2, device="cpu", seed=8)
+        model, spec = build_prm_model(cfg, ParallelConfig(pp=2), device)
+        load_prm_weights(out, model, spec)
+        report["pp_has_score"] = hasattr(model, "score")
+        report["pp_scores"] = _two_stage_scores(model, tokenizer)
+        try:
+            MegatronPRM(model, tokenizer)
+            report["pp_refused"] = "NO ERROR"
+        except Exception as err:
+            report["pp_refused"] = str(err)
     finally:
         (root / f"report{rank}.json").write_text(json.dumps(report))
         destroy_distributed()
@@ -195,7 +246,25 @@ def test_megatron_prm_matches_transformers_reference(run):
         got = report["scores"]
         assert [len(s) for s in got] == [len(s) for s in STEPS]
         diff = max(abs(a - b) for g, r in zip(got, ref) for a, b in zip(g, r))
+        print(f"rank {rank}: TP=2 max abs diff {diff:.3g}")
         assert diff <= TOL, f"rank {rank}: max abs diff {diff:.3g} > {TOL}"
+
+
+def test_pipeline_parallel_stages(run):
+    """PP=2 (build + load + manual stage-to-stage forward) matches too; MegatronPRM refuses PP > 1."""
+    first, last = run["reports"]
+    assert not first["pp_has_score"] and last["pp_has_score"]
+    assert first["pp_scores"] is None
+    diff = max(abs(a - b) for g, r in zip(last["pp_scores"], run["reference"]) for a, b in zip(g, r))
+    assert diff <= TOL, f"PP=2: max abs diff {diff:.3g} > {TOL}"
+    for report in run["reports"]:
+        assert "pipeline parallel size 1" in report["pp_refused"]
+
+
+def test_unwritten_parameters_fail(run):
+    for report in run["reports"]:
+        assert "PRM parameters not set by the checkpoint" in report["load_silent"]
+        assert report["load_silent"].endswith(": score.0.weight"), report["load_silent"]
 
 
 def test_unmapped_head_parameter_fails(run):
@@ -208,4 +277,4 @@ def test_checkpoint_without_head_fails(run):
     for report in run["reports"]:
         msg = report["load_headless"]
         assert msg != "NO ERROR"
-        assert "score.0.weight" in msg or "score" in msg, msg
+        assert "score.0.weight" in msg, msg
