@@ -1,8 +1,8 @@
 """Sweeps: expand a spec into runs, run them locally (resumable), collect their final metrics.
 
-    python tools/sweep.py expand SPEC --out DIR            # DIR/runs.txt (+ DIR/sweep.json)
+    python tools/sweep.py expand SPEC --out DIR [k=v ...]  # DIR/runs.txt (+ DIR/sweep.json)
     sbatch --array=0-$(($(wc -l < DIR/runs.txt) - 1)) slurm/sweep.sh DIR   # ... on Slurm, or:
-    python tools/sweep.py run SPEC --out DIR [--stage train] [--jobs 1]   # locally, one after another
+    python tools/sweep.py run SPEC --out DIR [--stage train] [--jobs 1] [k=v ...]  # locally, in turn
     python tools/sweep.py collect DIR                       # DIR/results.md and DIR/results.csv
 
 Spec (YAML; paths relative to the current directory, written absolute into runs.txt):
@@ -20,13 +20,14 @@ Spec (YAML; paths relative to the current directory, written absolute into runs.
                                         # initialise from a shared SFT checkpoint need its tokenizer)
 
 Runs = arms x grid points x seeds, named `ARM[-KEYVALUE...][-sSEED]` (KEY = last component of the
-dotted key), e.g. `scope-lr0.0003-s2`. A run's overrides are: fixed, arm, grid, `seed=N`, in that
-order (later wins). runs.txt follows the contract in docs/slurm.md ("Sweeps"): one run per line,
-`NAME<TAB>/abs/config<TAB>key=value...`, no header; runs write to DIR/runs/NAME. `run` executes them
-seed-major (every point at the first seed, then the next seed), passes the same overrides plus
-`run_dir=DIR/runs/NAME` to `python -m scope_mega.cli STAGE`, skips runs that already finished
-(final checkpoint and final eval line present) and writes each run's wall time to
-DIR/runs/NAME/sweep_run.json. `collect` groups runs by everything but the seed ("point"), takes each
+dotted key), e.g. `scope-lr0.0003-s2`. A run's overrides are: fixed (the spec's, then the `k=v`
+arguments of expand/run), arm, grid, `seed=N`, in that order (later wins). runs.txt follows the
+contract in docs/slurm.md ("Sweeps"): one run per line, `NAME<TAB>/abs/config<TAB>key=value...`,
+no header; runs write to DIR/runs/NAME. `run` executes them seed-major (every point at the first
+seed, then the next seed), passes the same overrides plus `run_dir=DIR/runs/NAME` to
+`python -m scope_mega.cli STAGE`, skips runs that already finished (final checkpoint and final eval
+line present) and writes each run's wall time to DIR/runs/NAME/sweep_run.json (its output goes to
+DIR/runs/NAME/sweep_run.log). `collect` groups runs by everything but the seed ("point"), takes each
 run's last eval line (and its first one, the before-training reference), and writes mean and sample
 standard deviation (n-1) over seeds.
 """
@@ -141,6 +142,14 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     if "base" not in spec:
         raise SpecError(f"{path}: `base` (the config every run starts from) is required")
     return spec
+
+
+def with_overrides(spec: dict[str, Any], extra: list[str]) -> dict[str, Any]:
+    """The spec with command-line `key=value`s appended to its fixed overrides (before arms/grid/seed)."""
+    if not extra:
+        return spec
+    fixed = [_override(k, v) for k, v in _override_items(spec.get("overrides"), "overrides")]
+    return {**spec, "overrides": fixed + list(extra)}
 
 
 def expand(spec: dict[str, Any], root: Path | None = None) -> list[Run]:
@@ -400,9 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("expand", help="write DIR/runs.txt (for slurm/sweep.sh) and DIR/sweep.json")
     e.add_argument("spec")
     e.add_argument("--out", required=True)
+    e.add_argument("overrides", nargs="*", help="key=value appended to the spec's fixed overrides")
     r = sub.add_parser("run", help="run the sweep locally, one run after another; skips finished runs")
     r.add_argument("spec")
     r.add_argument("--out", required=True)
+    r.add_argument("overrides", nargs="*", help="key=value appended to the spec's fixed overrides")
     r.add_argument(
         "--stage", choices=sorted(STAGES), default=None, help="default: the spec's `stage`, else train"
     )
@@ -413,12 +424,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "expand":
-            runs = write_sweep(load_spec(args.spec), Path(args.out))
+            runs = write_sweep(with_overrides(load_spec(args.spec), args.overrides), Path(args.out))
             print(f"{len(runs)} runs -> {Path(args.out) / 'runs.txt'}")
             print(f"sbatch --array=0-{len(runs) - 1} slurm/sweep.sh {args.out}")
             return 0
         if args.cmd == "run":
-            return run_all(load_spec(args.spec), Path(args.out), args.stage, args.jobs)
+            spec = with_overrides(load_spec(args.spec), args.overrides)
+            return run_all(spec, Path(args.out), args.stage, args.jobs)
         rows = collect(Path(args.dir), args.metrics_stage)
         print((Path(args.dir) / "results.md").read_text(), end="")
         return 0 if rows else 1

@@ -196,3 +196,20 @@ def test_is_finished(tmp_path):
     assert not sweep.is_finished(run, tmp_path, "train")
     (rd / "checkpoints_rl" / "latest").write_text("step_00000003")
     assert sweep.is_finished(run, tmp_path, "train")
+
+
+def test_command_line_overrides_come_after_fixed(tmp_path):
+    assert (
+        sweep.main(["expand", str(_spec_file(tmp_path)), "--out", str(tmp_path / "sw"), "rl.steps=80"]) == 0
+    )
+    line = (tmp_path / "sw" / "runs.txt").read_text().splitlines()[0].split("\t")
+    assert line[2:] == ["wandb_mode=disabled", "rl.steps=20", "rl.steps=80", "scope.enabled=false", "seed=1"]
+
+
+def _spec_file(tmp_path: Path) -> Path:
+    import yaml
+
+    p = tmp_path / "spec.yaml"
+    spec = {**SPEC, "base": str(ROOT / "examples" / "tiny_cpu.yaml"), "grid": {}, "seeds": [1]}
+    p.write_text(yaml.safe_dump(spec))
+    return p
