@@ -421,7 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("collect", help="DIR/results.md and DIR/results.csv: mean/std over seeds")
     c.add_argument("dir")
     c.add_argument("--metrics-stage", default="rl", help="metrics.jsonl `stage` to read (default rl)")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)  # key=value may come after --out too
+    stray = [x for x in extra if "=" not in x or x.startswith("-") or args.cmd == "collect"]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.cmd == "expand":
             runs = write_sweep(with_overrides(load_spec(args.spec), args.overrides), Path(args.out))

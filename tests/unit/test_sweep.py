@@ -211,5 +211,5 @@ def _spec_file(tmp_path: Path) -> Path:
 
     p = tmp_path / "spec.yaml"
     spec = {**SPEC, "base": str(ROOT / "examples" / "tiny_cpu.yaml"), "grid": {}, "seeds": [1]}
-    p.write_text(yaml.safe_dump(spec))
+    p.write_text(yaml.safe_dump(spec, sort_keys=False))
     return p
