@@ -206,10 +206,9 @@ def write_megatron_checkpoint(plan: ImportPlan, device: torch.device, model_dir:
 def build_model(plan: ImportPlan, device: torch.device):
     """This rank's stage of the model the HF checkpoint describes."""
     if is_prm(plan.hf):
-        raise ConversionError(
-            "importing a process-reward model needs the Megatron PRM model (scope_mega.models.prm), "
-            "which is not available yet; export and live streaming of PRMs work"
-        )
+        from scope_mega.models.prm import build_prm_model
+
+        return build_prm_model(plan.model, plan.parallel, device)
     from scope_mega.models.gpt import build_gpt_model
 
     return build_gpt_model(plan.model, plan.parallel, device)

@@ -60,29 +60,3 @@ def write_hf_checkpoint(case: str, path: Path, seed: int = 0) -> Path:
     hf_model(case, seed).save_pretrained(path)
     (path / "tokenizer_config.json").write_text(TOKENIZER_CONFIG)
     return path
-
-
-def build_megatron_prm(model_cfg, parallel, device):
-    """Stand-in for the Megatron PRM (scope_mega.models.prm does not exist yet): the GPTModel stage
-    without `output_layer` and, on the last stage, the `score` head replicated over TP."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer.module import MegatronModule
-    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-
-    from scope_mega.models.gpt import build_gpt_model
-
-    model, spec = build_gpt_model(model_cfg, parallel, device)
-
-    class PRMStage(type(model)):
-        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-            metadata = ensure_metadata_has_dp_cp_group(metadata)
-            return MegatronModule.sharded_state_dict(self, prefix, sharded_offsets, metadata)
-
-    model.__class__ = PRMStage
-    if parallel_state.is_pipeline_last_stage():
-        h = spec.hf_config.hidden_size
-        del model.output_layer
-        model.score = torch.nn.Sequential(
-            torch.nn.Linear(h, h, dtype=spec.dtype), torch.nn.ReLU(), torch.nn.Linear(h, 2, dtype=spec.dtype)
-        )
-    return model, spec

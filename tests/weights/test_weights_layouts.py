@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from _tiny_models import CASES, LM_CASES, TOKENIZER_CONFIG, build_megatron_prm, write_hf_checkpoint
+from _tiny_models import CASES, LM_CASES, TOKENIZER_CONFIG, write_hf_checkpoint
 from safetensors.torch import load_file
 
 from scope_mega.runtime.spawn import spawn_local
@@ -78,12 +78,10 @@ def _worker(root: str):
     from scope_mega.checkpointing import load_model_weights
     from scope_mega.config import ModelConfig
     from scope_mega.models.gpt import build_gpt_model
+    from scope_mega.models.prm import build_prm_model, load_prm_weights
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
     from scope_mega.weights import files
     from scope_mega.weights.hf_to_megatron import build_model, plan_import, write_megatron_checkpoint
-
-    def build_prm(plan, device):
-        return build_megatron_prm(plan.model, plan.parallel, device)
 
     root = Path(root)
     tokens = _tokens()
@@ -100,10 +98,13 @@ def _worker(root: str):
                 (out / "model").mkdir(parents=True)
                 files.copy_side_files(hf_dir, out / "hf")
             dist.barrier()
-            write_megatron_checkpoint(plan, device, out / "model", build_prm if prm else build_model)
+            write_megatron_checkpoint(plan, device, out / "model", build_model)
             real = ModelConfig(hf_config=str(hf_dir), transformer_impl="local")
-            model, spec = (build_megatron_prm if prm else build_gpt_model)(real, plan.parallel, device)
-            load_model_weights(out, model)
+            model, spec = (build_prm_model if prm else build_gpt_model)(real, plan.parallel, device)
+            if prm:
+                load_prm_weights(out, model, spec)
+            else:
+                load_model_weights(out, model)
             model.eval()
             with torch.no_grad():
                 logits = _stage_logits(model, tokens) if case in LM_CASES else None
