@@ -331,8 +331,12 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return mu, sd
 
 
-def collect(out: Path, stage: str = "rl") -> list[dict[str, Any]]:
-    """One row per (point, when): `final` = each run's last eval line, `initial` = its first one."""
+def collect(out: Path, stage: str = "rl", baseline: str | None = None) -> list[dict[str, Any]]:
+    """One row per (point, when): `final` = each run's last eval line, `initial` = its first one.
+
+    With `baseline` (a point, e.g. `grpo`): also one `final - BASELINE` row per other point, the mean
+    and std over seeds of the per-seed difference (paired: runs of one seed share eval set and start).
+    """
     runs = read_runs(out)
     per: dict[tuple[str, str], list[tuple[Run, dict[str, Any]]]] = {}
     missing = []
@@ -368,14 +372,38 @@ def collect(out: Path, stage: str = "rl") -> list[dict[str, Any]]:
             if xs:
                 row[f"{k}_mean"], row[f"{k}_std"] = mean_std(xs)
         rows.append(row)
+    if baseline is not None:
+        if (baseline, "final") not in per:
+            raise SpecError(f"baseline {baseline!r} is not a point of {out} with results")
+        base = {r.seed: m for r, m in per[(baseline, "final")]}
+        for point in sorted({p for p, _ in per if p != baseline}, key=order.get):
+            pairs = [(r, m, base[r.seed]) for r, m in per.get((point, "final"), []) if r.seed in base]
+            if not pairs:
+                continue
+            row = {
+                "point": point,
+                "when": f"final - {baseline}",
+                "n": len(pairs),
+                "seeds": " ".join(str(r.seed) for r, _, _ in pairs),
+                "step": " ".join(sorted({str(m.get("step")) for _, m, _ in pairs})),
+            }
+            for k in keys:
+                xs = [
+                    float(m[k]) - float(b[k])
+                    for _, m, b in pairs
+                    if m.get(k) is not None and b.get(k) is not None
+                ]
+                if xs:
+                    row[f"{k}_mean"], row[f"{k}_std"] = mean_std(xs)
+            rows.append(row)
     _write_tables(out, rows, keys)
     return rows
 
 
-def _fmt(mu: float | None, sd: float | None) -> str:
+def _fmt(mu: float | None, sd: float | None, digits: int = 3) -> str:
     if mu is None:
         return ""
-    return f"{mu:.3f}" if sd is None or math.isnan(sd) else f"{mu:.3f} ± {sd:.3f}"
+    return f"{mu:.{digits}f}" if sd is None or math.isnan(sd) else f"{mu:.{digits}f} ± {sd:.{digits}f}"
 
 
 def _write_tables(out: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
@@ -390,14 +418,15 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], keys: list[str]) -> Non
     heads = ["point", "when", "n", "step"] + [k.removeprefix("eval/") for k in keys] + ["wall s"]
     lines = [
         f"Mean ± sample std (n-1) over seeds; `initial` = first eval line (before training), "
-        f"`final` = last eval line. Sweep: `{out}`.",
+        f"`final` = last eval line; `final - B`: per-seed paired difference to point B. Sweep: `{out}`.",
         "",
         "| " + " | ".join(heads) + " |",
         "|" + "---|" * len(heads),
     ]
     for row in rows:
         cells = [row["point"], row["when"], str(row["n"]), row["step"]]
-        cells += [_fmt(row.get(f"{k}_mean"), row.get(f"{k}_std")) for k in keys + ["wall_s"]]
+        cells += [_fmt(row.get(f"{k}_mean"), row.get(f"{k}_std")) for k in keys]
+        cells.append(_fmt(row.get("wall_s_mean"), row.get("wall_s_std"), 0))
         lines.append("| " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
@@ -421,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("collect", help="DIR/results.md and DIR/results.csv: mean/std over seeds")
     c.add_argument("dir")
     c.add_argument("--metrics-stage", default="rl", help="metrics.jsonl `stage` to read (default rl)")
+    c.add_argument("--baseline", default=None, help="point to compare the others with, seed by seed")
     args, extra = p.parse_known_args(argv)  # key=value may come after --out too
     stray = [x for x in extra if "=" not in x or x.startswith("-") or args.cmd == "collect"]
     if stray:
@@ -436,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             spec = with_overrides(load_spec(args.spec), args.overrides)
             return run_all(spec, Path(args.out), args.stage, args.jobs)
-        rows = collect(Path(args.dir), args.metrics_stage)
+        rows = collect(Path(args.dir), args.metrics_stage, args.baseline)
         print((Path(args.dir) / "results.md").read_text(), end="")
         return 0 if rows else 1
     except SpecError as err:

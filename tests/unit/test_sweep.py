@@ -165,7 +165,7 @@ def test_collect_mean_std(tmp_path):
     assert g["wall_s_mean"] == 100.0 and math.isnan(g["wall_s_std"])  # one value: no std
 
     md = (tmp_path / "results.md").read_text()
-    assert "| grpo | final | 3 | 10 | 0.400 ± 0.200 | 1.000 ± 0.000 | 100.000 |" in md
+    assert "| grpo | final | 3 | 10 | 0.400 ± 0.200 | 1.000 ± 0.000 | 100 |" in md
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 4
@@ -213,3 +213,24 @@ def _spec_file(tmp_path: Path) -> Path:
     spec = {**SPEC, "base": str(ROOT / "examples" / "tiny_cpu.yaml"), "grid": {}, "seeds": [1]}
     p.write_text(yaml.safe_dump(spec, sort_keys=False))
     return p
+
+
+def test_collect_paired_baseline(tmp_path):
+    sweep.write_sweep(
+        {"base": "/abs/c.yaml", "arms": {"grpo": {}, "scope": {}}, "seeds": [1, 2, 3]}, tmp_path
+    )
+    accs = {"grpo": [0.1, 0.3, 0.2], "scope": [0.2, 0.3, 0.5]}  # differences 0.1, 0.0, 0.3
+    for arm, xs in accs.items():
+        for seed, acc in zip([1, 2, 3], xs):
+            _write_metrics(
+                tmp_path / "runs" / f"{arm}-s{seed}", [{"stage": "rl", "step": 4, "eval/greedy_acc": acc}]
+            )
+    rows = sweep.collect(tmp_path, baseline="grpo")
+    delta = [r for r in rows if r["when"] == "final - grpo"]
+    assert [r["point"] for r in delta] == ["scope"] and delta[0]["n"] == 3
+    assert delta[0]["eval/greedy_acc_mean"] == pytest.approx(0.4 / 3)
+    assert delta[0]["eval/greedy_acc_std"] == pytest.approx(
+        math.sqrt(((0.1 - 0.4 / 3) ** 2 + (0.4 / 3) ** 2 + (0.3 - 0.4 / 3) ** 2) / 2)
+    )
+    with pytest.raises(sweep.SpecError):
+        sweep.collect(tmp_path, baseline="nope")
