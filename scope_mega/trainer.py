@@ -225,6 +225,14 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         raise ConfigError(
             "data.task=math training is not wired into the trainer yet; use data.task=countdown"
         )
+    unwired = {
+        "loss.kl_coef > 0 (needs a frozen reference model)": cfg.loss.kl_coef > 0,
+        "loss.off_policy=clip (needs guide logprobs)": cfg.loss.off_policy == "clip",
+        "scope.guide=engine (needs a teacher engine)": cfg.scope.guide == "engine" and cfg.scope.enabled,
+    }
+    for what, asked in unwired.items():
+        if asked:
+            raise ConfigError(f"{what} is not wired into the trainer yet")
     device = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.device, cfg.seed)
     preemption.install_handlers()
     tok = prepare_tokenizer(cfg)

@@ -65,3 +65,14 @@ def test_cli_prints_no_traceback():
     assert proc.returncode == CONFIG_ERROR_EXIT_CODE
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("config error: parallel.pp=3")
+
+
+def test_trainer_refuses_options_it_does_not_wire(capsys):
+    for override, fragment in [
+        ("loss.kl_coef=0.1", "loss.kl_coef > 0"),
+        ("loss.off_policy=clip", "loss.off_policy=clip"),
+        ("scope.guide=engine", "scope.guide=engine"),
+    ]:
+        code = main(["train", str(TINY), override, "run_dir=/nonexistent/never-written"])
+        err = capsys.readouterr().err.strip()
+        assert code == CONFIG_ERROR_EXIT_CODE and err.startswith(f"config error: {fragment}"), err
