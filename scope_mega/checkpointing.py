@@ -162,6 +162,11 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return path
 
 
+def has_checkpoint(ckpt_root: str | Path, step: int) -> bool:
+    """Whether the complete checkpoint of `step` exists (so a final save can be skipped)."""
+    return (Path(ckpt_root) / f"step_{step:08d}" / "trainer_state.json").is_file()
+
+
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Load model weights from `<path>/model` into this rank's stage, whatever TP/PP saved them."""
     from megatron.core import dist_checkpointing

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from scope_mega.checkpointing import (
     TrainerState,
+    has_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
@@ -169,14 +170,9 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
     final = held_out_metrics()
     if final:
         logger.log(trainer.step, final)
-    if latest_checkpoint(ckpt_root) is None or trainer.step != _checkpoint_step(ckpt_root):
+    if not has_checkpoint(ckpt_root, trainer.step):
         save()
     logger.close()
     if is_rank0():
         print(" ".join(f"{k}={v:.4f}" for k, v in final.items()), flush=True)
     return final
-
-
-def _checkpoint_step(ckpt_root: Path) -> int:
-    latest = latest_checkpoint(ckpt_root)
-    return -1 if latest is None else int(latest.name.split("_")[1])

@@ -186,25 +186,6 @@ def evaluate_loss(state: TrainState, micro_batches: list[Batch], loss_fn: LossFn
     return _reduce_metrics(outputs)
 
 
-def forward_logprobs(state: TrainState, micro_batches: list[Batch]) -> list[torch.Tensor] | None:
-    """Per-token logprobs [b, s] of each micro-batch's `targets` under the current weights.
-
-    Used for the old-policy and reference logprobs of an RL step. Returned on the last pipeline stage
-    (where the loss is computed); None on the other stages.
-    """
-    from megatron.core import parallel_state
-
-    def capture(logprobs, batch, entropy):
-        zero = torch.zeros((), dtype=torch.int)
-        return logprobs.sum() * 0, zero, {"logprobs": (logprobs.detach(), zero)}
-
-    with torch.no_grad():
-        outputs = _run_schedule(state, micro_batches, capture, forward_only=True, need_entropy=False)
-    if not parallel_state.is_pipeline_last_stage():
-        return None
-    return [out["logprobs"][0] for out in outputs]
-
-
 def shard_for_data_parallel(items: list, dp_rank: int, dp_size: int) -> list:
     """This DP rank's contiguous slice of a global list (its length must divide evenly)."""
     if len(items) % dp_size:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from scope_mega.checkpointing import (
     TrainerState,
+    has_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
@@ -349,7 +350,7 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
             sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
     final_metrics = run_eval(trainer.step)
-    if latest_checkpoint(ckpt_root) is None or not (ckpt_root / f"step_{trainer.step:08d}").is_dir():
+    if not has_checkpoint(ckpt_root, trainer.step):
         save_checkpoint(ckpt_root, state, trainer, config_dict, cfg.checkpoint.keep_last)
     logger.close()
     if is_rank0():
