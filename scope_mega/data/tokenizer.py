@@ -48,6 +48,11 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.processor.pad_id()
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end a response (as `HFTokenizer.stop_token_ids`): EOS only."""
+        return [self.eos_id]
+
     def encode(self, text: str) -> list[int]:
         return self.processor.encode(text)
 
