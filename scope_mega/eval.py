@@ -361,16 +361,9 @@ def results_json(results: Sequence[BenchmarkResult], per_problem: bool = True) -
 def load_encoder(model_dir: str | Path) -> Callable[[str], list[int]]:
     """`encode(text)` for the tokenizer stored with a model (no special tokens added: the template
     writes them)."""
-    from scope_mega.data.tokenizer import MODEL_FILENAME, load_tokenizer
+    from scope_mega.data.hf_tokenizer import load_model_tokenizer
 
-    path = Path(model_dir)
-    if (path / MODEL_FILENAME).is_file():
-        tok = load_tokenizer(path)
-        return tok.encode
-    import transformers
-
-    hf_tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return lambda text: hf_tok.encode(text, add_special_tokens=False)
+    return load_model_tokenizer(model_dir).encode
 
 
 def add_eval_parser(sub) -> None:

@@ -128,15 +128,9 @@ def continue_from(
 def load_decoder(model_dir: str | os.PathLike) -> Decode:
     """`decode(ids)` for the tokenizer stored with a model: the project's sentencepiece
     `tokenizer.model`, else a transformers tokenizer (special tokens skipped)."""
-    from scope_mega.data.tokenizer import MODEL_FILENAME, load_tokenizer
+    from scope_mega.data.hf_tokenizer import load_model_tokenizer
 
-    path = Path(model_dir)
-    if (path / MODEL_FILENAME).is_file():
-        return load_tokenizer(path).decode
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return lambda ids: tok.decode(ids, skip_special_tokens=True)
+    return load_model_tokenizer(model_dir).decode
 
 
 def make_engine(
