@@ -102,6 +102,7 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)  # math: JSON Lines with question/answer fields
     eval_files: list[str] = field(default_factory=list)
     tokenizer: str | None = None  # math: a Hugging Face tokenizer directory (countdown trains its own)
+    template: str = "qwen-boxed"  # math: a name in `eval.TEMPLATES` or a string containing {question}
     max_prompt_tokens: int = 1024
 
 

@@ -6,6 +6,7 @@ before rectification. Entropy, clip fraction, KL and rollout mismatch come from 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable, Sequence
 
 from scope_mega.scope.rectify import ScopeStats
@@ -92,3 +93,24 @@ def scope_metrics(stats: ScopeStats, max_position: int = 8) -> dict[str, float]:
         key = f"scope/first_error/{k}" if k < max_position else f"scope/first_error/{max_position}+"
         out[key] = out.get(key, 0.0) + 1.0
     return out
+
+
+def weighted_mean(parts: Sequence[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """Per key, the mean of the parts' values weighted by their weights (e.g. metrics of each
+    data-parallel replica and its number of groups); a key counts only the parts that have it."""
+    totals: dict[str, list[float]] = {}
+    for values, weight in parts:
+        for key, value in values.items():
+            total = totals.setdefault(key, [0.0, 0.0])
+            total[0] += weight * value
+            total[1] += weight
+    return {key: s / w for key, (s, w) in totals.items() if w > 0}
+
+
+def merge_stats(parts: Sequence[ScopeStats]) -> ScopeStats:
+    """One `ScopeStats` for several rectification passes (e.g. every replica's)."""
+    merged = ScopeStats()
+    for stats in parts:
+        for f in dataclasses.fields(ScopeStats):
+            setattr(merged, f.name, getattr(merged, f.name) + getattr(stats, f.name))
+    return merged

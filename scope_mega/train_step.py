@@ -115,7 +115,12 @@ def _forward_step(vocab_size: int, loss_fn: LossFn, need_entropy: bool, data_ite
 
 
 def _run_schedule(
-    state: TrainState, micro_batches: list[Batch], loss_fn: LossFn, forward_only: bool, need_entropy: bool
+    model: list,
+    vocab_size: int,
+    micro_batches: list[Batch],
+    loss_fn: LossFn,
+    forward_only: bool,
+    need_entropy: bool,
 ) -> list:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -126,9 +131,9 @@ def _run_schedule(
         )
     ((mbs, seq),) = shapes
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, state.vocab_size, loss_fn, need_entropy),
+        forward_step_func=partial(_forward_step, vocab_size, loss_fn, need_entropy),
         data_iterator=iter(micro_batches),
-        model=state.model,
+        model=model,
         num_microbatches=len(micro_batches),
         seq_length=seq,
         micro_batch_size=mbs,
@@ -168,7 +173,9 @@ def train_step(
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    outputs = _run_schedule(state, micro_batches, loss_fn, forward_only=False, need_entropy=need_entropy)
+    outputs = _run_schedule(
+        state.model, state.vocab_size, micro_batches, loss_fn, forward_only=False, need_entropy=need_entropy
+    )
     ok, grad_norm, _ = state.optimizer.step()
     if not ok:
         raise RuntimeError("optimizer step was skipped (non-finite gradients)")
@@ -182,8 +189,24 @@ def train_step(
 def evaluate_loss(state: TrainState, micro_batches: list[Batch], loss_fn: LossFn) -> dict[str, float]:
     """Forward-only pass with the same loss contract (no gradients, no optimizer step)."""
     with torch.no_grad():
-        outputs = _run_schedule(state, micro_batches, loss_fn, forward_only=True, need_entropy=False)
+        outputs = _run_schedule(
+            state.model, state.vocab_size, micro_batches, loss_fn, forward_only=True, need_entropy=False
+        )
     return _reduce_metrics(outputs)
+
+
+def store_logprobs(model: list, vocab_size: int, micro_batches: list[Batch], key: str) -> None:
+    """Set `batch[key]` to the per-token logprobs [b, s] of each micro-batch's `targets` under `model`'s
+    weights (chunks of any model of the policy's shape, e.g. the frozen KL reference). Forward only,
+    through the same pipeline schedule, so the logprobs land on the last stage, where the loss reads them.
+    """
+
+    def stash(logprobs: torch.Tensor, batch: Batch, entropy: torch.Tensor | None):
+        batch[key] = logprobs.detach()
+        return logprobs.sum() * 0, torch.zeros((), dtype=torch.int), {}
+
+    with torch.no_grad():
+        _run_schedule(model, vocab_size, micro_batches, stash, forward_only=True, need_entropy=False)
 
 
 def shard_for_data_parallel(items: list, dp_rank: int, dp_size: int) -> list:

@@ -1,10 +1,13 @@
 """The RL loop (DESIGN.md section 3): rollout, verify, SCOPE, advantages, update, sync, eval, checkpoint.
 
-Roles: every data-parallel replica owns one rollout engine, held by its first model-parallel rank (the
-"driver"); the driver generates its share of the prompts, verifies, rectifies and computes advantages,
-then broadcasts the finished samples to the other ranks of its replica, which all run the Megatron step.
-Groups never straddle data-parallel ranks, so GRPO statistics stay local. One optimizer step per
-rollout batch (fully on-policy): the old-policy logprobs are the current ones (ratio 1, exact).
+Roles: every data-parallel replica owns one rollout engine (and a guide engine, for an engine guide),
+held by its first model-parallel rank (the "driver"); the driver generates its share of the prompts,
+verifies, rectifies and computes advantages, then broadcasts the finished samples to the other ranks of
+its replica, which all run the Megatron step. A model PRM is TP-sharded over the whole model-parallel
+group: while the driver rectifies, the group's other ranks serve its forward passes (`ServedPRM`).
+Groups never straddle data-parallel ranks, so GRPO statistics stay local; logged metrics average all
+replicas. One optimizer step per rollout batch (fully on-policy): the old-policy logprobs are the
+current ones (ratio 1, exact); the KL reference is a frozen copy of the starting weights.
 """
 
 from __future__ import annotations
@@ -29,11 +32,10 @@ from scope_mega.checkpointing import (
     save_checkpoint,
 )
 from scope_mega.config import ConfigError, RunConfig, to_dict
-from scope_mega.data import countdown
 from scope_mega.logging import MetricsLogger, is_rank0
-from scope_mega.metrics import rollout_metrics, scope_metrics
+from scope_mega.metrics import merge_stats, rollout_metrics, scope_metrics, weighted_mean
 from scope_mega.models.gpt import build_gpt_model
-from scope_mega.rewards.countdown_verifier import CountdownVerifier
+from scope_mega.models.prm import ServedPRM
 from scope_mega.rl.advantages import group_advantages
 from scope_mega.rl.loss import PolicyLossConfig, policy_loss
 from scope_mega.rollout.engine import SamplingParams
@@ -41,12 +43,12 @@ from scope_mega.rollout.weight_sync import sync_weights
 from scope_mega.runtime import preemption
 from scope_mega.runtime.distributed import init_distributed
 from scope_mega.scope.dense import prm_dense_advantages
-from scope_mega.scope.guides import make_guide
+from scope_mega.scope.guides import SampledContinuer, make_guide
 from scope_mega.scope.prm import CountdownOraclePRM
 from scope_mega.scope.rectify import rectify_groups
-from scope_mega.scope.trajectory import PromptInfo, Trajectory
-from scope_mega.sft import prepare_tokenizer, with_task_vocab
-from scope_mega.train_step import Batch, setup_training, train_step
+from scope_mega.scope.trajectory import Trajectory
+from scope_mega.tasks import Prompt, Task, build_task
+from scope_mega.train_step import Batch, setup_training, store_logprobs, train_step
 
 RL_CHECKPOINTS = "checkpoints_rl"
 
@@ -60,33 +62,38 @@ class Sample:
     advantages: list[float]
     off_policy: list[bool]
     rollout_logprobs: list[float]  # 0.0 on guide tokens (never sampled by the policy's engine)
+    guide_logprobs: list[float] | None = None  # an engine guide's logprobs; 0.0 on the policy's tokens
 
 
 # ----------------------------------------------------------------------------- rollouts
 
 
-def rollout_groups(engine, tok, problems, cfg: RunConfig, verifier, seed: int) -> list[list[Trajectory]]:
-    """G sampled responses per problem from the policy's engine, verified."""
-    prompts = [[tok.bos_id, *tok.encode(p.prompt())] for p in problems]
-    sampling = SamplingParams(
-        n=cfg.rl.group_size,
+def sampling_params(cfg: RunConfig, task: Task, n: int, seed: int | None) -> SamplingParams:
+    """The rollout settings of `cfg.rollout` with `n` samples per prompt."""
+    return SamplingParams(
+        n=n,
         temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p,
         top_k=cfg.rollout.top_k,
         max_new_tokens=cfg.rollout.max_new_tokens,
         stop=tuple(cfg.rollout.stop),
+        stop_token_ids=tuple(task.stop_token_ids),
         seed=seed,
     )
-    outs = engine.generate(prompts, sampling)
+
+
+def rollout_groups(engine, task: Task, prompts: list[Prompt], n: int, seed: int) -> list[list[Trajectory]]:
+    """`n` sampled responses per prompt from the policy's engine, verified."""
+    outs = engine.generate([p.ids for p in prompts], sampling_params(task.cfg, task, n, seed))
+    stops = set(task.stop_token_ids)
     groups = []
-    for g, (problem, ids, comps) in enumerate(zip(problems, prompts, outs)):
-        group = []
-        for c in comps:
-            text = tok.decode([t for t in c.token_ids if t != tok.eos_id])
-            v = verifier.verify(text, problem.prompt())
-            group.append(
+    for g, (prompt, comps) in enumerate(zip(prompts, outs)):
+        texts = [task.tokenizer.decode([t for t in c.token_ids if t not in stops]) for c in comps]
+        verdicts = task.verifier.verify_batch(texts, [prompt.info.reference] * len(texts))
+        groups.append(
+            [
                 Trajectory(
-                    prompt_ids=ids,
+                    prompt_ids=prompt.ids,
                     response_ids=list(c.token_ids),
                     rollout_logprobs=list(c.logprobs),
                     response_text=text,
@@ -95,8 +102,9 @@ def rollout_groups(engine, tok, problems, cfg: RunConfig, verifier, seed: int) -
                     group_id=g,
                     answer=v.extracted,
                 )
-            )
-        groups.append(group)
+                for c, text, v in zip(comps, texts, verdicts)
+            ]
+        )
     return groups
 
 
@@ -114,6 +122,9 @@ def to_samples(groups: list[list[Trajectory]], cfg: RunConfig, dense: list | Non
                     advantages=per_token,
                     off_policy=list(t.off_policy),
                     rollout_logprobs=[0.0 if o else lp for o, lp in zip(t.off_policy, t.rollout_logprobs)],
+                    guide_logprobs=None
+                    if t.guide_logprobs is None
+                    else [lp if o else 0.0 for o, lp in zip(t.off_policy, t.guide_logprobs)],
                 )
             )
     return samples
@@ -128,7 +139,7 @@ def to_micro_batches(samples: list[Sample], micro: int, pad_id: int) -> list[Bat
         b = len(rows)
         ids = torch.full((b, seq + 1), pad_id, dtype=torch.long)
         on, off = torch.zeros(b, seq), torch.zeros(b, seq)
-        adv, rollout_lp = torch.zeros(b, seq), torch.zeros(b, seq)
+        adv, rollout_lp, guide_lp = torch.zeros(b, seq), torch.zeros(b, seq), torch.zeros(b, seq)
         for r, s in enumerate(rows):
             toks = s.prompt_ids + s.response_ids
             ids[r, : len(toks)] = torch.tensor(toks)
@@ -138,6 +149,8 @@ def to_micro_batches(samples: list[Sample], micro: int, pad_id: int) -> list[Bat
             off[r, lo:hi] = offp.float()
             adv[r, lo:hi] = torch.tensor(s.advantages)
             rollout_lp[r, lo:hi] = torch.tensor(s.rollout_logprobs)
+            if s.guide_logprobs is not None:
+                guide_lp[r, lo:hi] = torch.tensor(s.guide_logprobs)
         batches.append(
             dict(
                 input_ids=ids[:, :-1],
@@ -147,13 +160,16 @@ def to_micro_batches(samples: list[Sample], micro: int, pad_id: int) -> list[Bat
                 off_mask=off,
                 advantages=adv,
                 rollout_logprobs=rollout_lp,
+                guide_logprobs=guide_lp,
             )
         )
     return batches
 
 
 def rl_loss(cfg: PolicyLossConfig, logprobs: torch.Tensor, batch: Batch, entropy: torch.Tensor | None):
-    """The one policy loss on a micro-batch; old logprobs = current ones (single on-policy update)."""
+    """The one policy loss on a micro-batch; old logprobs = current ones (single on-policy update).
+    Reference logprobs are there when the loss has a KL term (`store_logprobs`); guide logprobs are
+    zero on tokens the guide did not write, and only the "clip" off-policy loss reads them."""
     return policy_loss(
         logprobs,
         logprobs.detach(),
@@ -161,32 +177,71 @@ def rl_loss(cfg: PolicyLossConfig, logprobs: torch.Tensor, batch: Batch, entropy
         batch["on_mask"],
         batch["off_mask"],
         cfg,
+        ref_logprobs=batch.get("ref_logprobs"),
         rollout_logprobs=batch["rollout_logprobs"],
+        guide_logprobs=batch["guide_logprobs"] if cfg.off_policy == "clip" else None,
         entropy=entropy,
     )
+
+
+def rollout_and_rectify(
+    engine, guide_engine, guide, prm, task: Task, prompts: list[Prompt], seed: int
+) -> tuple[list[Sample], dict[str, float]]:
+    """Steps 1-3 and 5 on a replica's driver: sample and verify groups, rectify them (SCOPE or the
+    configured baseline), compute advantages. Metrics cover every replica (collective over drivers)."""
+    cfg = task.cfg
+    for e in (engine, guide_engine):
+        if e is not None:
+            e.wake_up()
+    groups = rollout_groups(engine, task, prompts, cfg.rl.group_size, seed)
+    metrics = rollout_metrics(groups, ks=(1,))
+    metrics["reward"] = sum(t.reward for g in groups for t in g) / sum(len(g) for g in groups)
+    infos = [p.info for p in prompts]
+    final, stats = rectify_groups(
+        groups, infos, cfg.scope, tokenizer=task.tokenizer, verifier=task.verifier, guide=guide, prm=prm
+    )
+    dense = None
+    if cfg.scope.active_method == "prm_dense":
+        dense = prm_dense_advantages(
+            final, infos, prm, task.tokenizer, cfg.scope.step_delimiter, cfg.advantage, cfg.scope.dense_coef
+        )
+    for e in (engine, guide_engine):
+        if e is not None:
+            e.sleep()
+    parts = _gather_drivers((metrics, len(groups), stats))
+    metrics = weighted_mean([(m, n) for m, n, _ in parts])
+    metrics.update(scope_metrics(merge_stats([st for _, _, st in parts])))
+    return to_samples(final, cfg, dense), metrics
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(engine, tok, problems, cfg: RunConfig, verifier, seed: int) -> dict[str, float]:
-    """Held-out greedy accuracy, avg@k and pass@k of k = `rl.eval_samples` samples, and diversity."""
-    prompts = [[tok.bos_id, *tok.encode(p.prompt())] for p in problems]
+def evaluate(engine, task: Task, prompts: list[Prompt], seed: int) -> dict[str, float]:
+    """Greedy accuracy, avg@k and pass@k of k = `rl.eval_samples` samples, and diversity, on `prompts`."""
+    cfg = task.cfg
     greedy = engine.generate(
-        prompts, SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens)
+        [p.ids for p in prompts],
+        SamplingParams(
+            temperature=0.0,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            stop=tuple(cfg.rollout.stop),
+            stop_token_ids=tuple(task.stop_token_ids),
+        ),
     )
-    texts = [tok.decode([t for t in c[0].token_ids if t != tok.eos_id]) for c in greedy]
-    acc = sum(verifier.verify(t, p.prompt()).correct for t, p in zip(texts, problems)) / len(problems)
+    stops = set(task.stop_token_ids)
+    texts = [task.tokenizer.decode([t for t in c[0].token_ids if t not in stops]) for c in greedy]
+    verdicts = task.verifier.verify_batch(texts, [p.info.reference for p in prompts])
     k = cfg.rl.eval_samples
-    eval_cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, group_size=k))
-    groups = rollout_groups(engine, tok, problems, eval_cfg, verifier, seed)
+    groups = rollout_groups(engine, task, prompts, k, seed)
+    signature = task.path_signature
     m = rollout_metrics(
         groups,
         ks=(1, k),
-        path_signature=lambda g, text: countdown.solution_path_signature(problems[g], text),
+        path_signature=None if signature is None else lambda g, text: signature(prompts[g], text),
     )
     out = {
-        "eval/greedy_acc": acc,
+        "eval/greedy_acc": sum(v.correct for v in verdicts) / len(prompts),
         f"eval/avg@{k}": m["rollout/accuracy"],
         f"eval/pass@{k}": m[f"rollout/pass@{k}"],
     }
@@ -196,7 +251,96 @@ def evaluate(engine, tok, problems, cfg: RunConfig, verifier, seed: int) -> dict
     return out
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- roles
+
+
+def check_wired(cfg: RunConfig) -> None:
+    """Refuse, before any process starts work, combinations the trainer cannot run."""
+    if cfg.rollout.engine != "hf":
+        raise ConfigError(
+            "rollout.engine=vllm is not wired into the trainer yet (its engine spans every rank, the "
+            "trainer's engine lives on the first rank of each model-parallel group); use rollout.engine=hf"
+        )
+    countdown_only = {
+        "scope.guide=oracle": cfg.scope.enabled and cfg.scope.guide == "oracle",
+        "guide.prm=oracle": cfg.guide.prm == "oracle" and cfg.scope.enabled,
+    }
+    for what, asked in countdown_only.items():
+        if asked and cfg.data.task != "countdown":
+            raise ConfigError(
+                f"{what} is Countdown's solver/checker; data.task={cfg.data.task} needs a model"
+            )
+    if cfg.scope.enabled and cfg.scope.guide == "engine" and not cfg.guide.guide_model:
+        raise ConfigError("scope.guide=engine needs guide.guide_model (a Hugging Face model directory)")
+    if cfg.loss.off_policy == "clip" and not (cfg.scope.enabled and cfg.scope.guide == "engine"):
+        raise ConfigError(
+            "loss.off_policy=clip needs the guide's logprobs: set scope.guide=engine, or use "
+            "loss.off_policy=shaping"
+        )
+    if cfg.loss.kl_coef > 0 and _init_weights_path(cfg) is None:
+        raise ConfigError(
+            "loss.kl_coef > 0 needs the starting weights as the reference: set rl.init_from or run the "
+            "SFT stage into this run directory first"
+        )
+    if cfg.scope.enabled and cfg.guide.prm == "model":
+        if not cfg.guide.prm_path:
+            raise ConfigError("guide.prm=model needs guide.prm_path (a converted PRM checkpoint directory)")
+        if cfg.parallel.pp != 1:
+            raise ConfigError("guide.prm=model scores with pipeline parallel size 1; set parallel.pp=1")
+
+
+def build_prm(cfg: RunConfig, device: torch.device, is_driver: bool):
+    """SCOPE's PRM: Countdown's exact step checker, or a Megatron PRM loaded on every rank of the
+    model-parallel group (TP-sharded like the policy), driven by the group's driver (`ServedPRM`)."""
+    if cfg.guide.prm == "oracle":
+        return CountdownOraclePRM(cfg.task.ops)
+    import transformers
+
+    from scope_mega.models.prm import MegatronPRM, ServedPRM, build_prm_model, load_prm_weights
+
+    path = Path(cfg.guide.prm_path)
+    if not (path / "model").is_dir() or not (path / "hf").is_dir():
+        raise ConfigError(
+            f"guide.prm_path={path} is not a converted checkpoint (no model/ and hf/); convert the HF PRM "
+            f"with: scope-mega convert hf-to-megatron --hf-dir HF_PRM_DIR --out {path}"
+        )
+    model_cfg = dataclasses.replace(cfg.model, hf_config=str(path / "hf"))
+    model, spec = build_prm_model(model_cfg, cfg.parallel, device)
+    load_prm_weights(path, model, spec)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path / "hf", local_files_only=True)
+    return ServedPRM(MegatronPRM(model, tokenizer), is_driver)
+
+
+def build_guide(cfg: RunConfig, task: Task):
+    """The SCOPE/LUFFY guide and, for an engine guide, its engine: a second engine serving
+    `guide.guide_model` (same tokenizer as the policy), sampling with the rollout settings."""
+    engine = None
+    if cfg.scope.guide == "engine":
+        from scope_mega.rollout.engine import make_engine
+
+        engine = make_engine(
+            cfg.rollout.engine,
+            cfg.guide.guide_model,
+            decode=task.tokenizer.decode,
+            eos_token_ids=task.stop_token_ids,
+        )
+    guide = make_guide(
+        cfg.scope.guide,
+        delimiter=cfg.scope.step_delimiter,
+        engine=None if engine is None else SampledContinuer(engine, sampling_params(cfg, task, 1, cfg.seed)),
+        oracle_ops=cfg.task.ops,
+        seed=cfg.seed,
+    )
+    return guide, engine
+
+
+def build_reference(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The frozen KL reference: the policy's architecture holding the weights RL starts from."""
+    reference, _ = build_gpt_model(cfg.model, cfg.parallel, device)
+    load_model_weights(_init_weights_path(cfg), reference)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
 
 
 def _driver_broadcast(obj, is_driver: bool):
@@ -211,6 +355,19 @@ def _driver_broadcast(obj, is_driver: bool):
     return box[0]
 
 
+def _gather_drivers(obj) -> list:
+    """`obj` of every data-parallel replica's driver; called by drivers only (their DP group is the
+    drivers' group: every driver is model-parallel rank 0)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def _init_weights_path(cfg: RunConfig) -> Path | None:
     if cfg.rl.init_from:
         p = Path(cfg.rl.init_from)
@@ -218,26 +375,18 @@ def _init_weights_path(cfg: RunConfig) -> Path | None:
     return latest_checkpoint(Path(cfg.run_dir) / "checkpoints")  # the SFT stage of the same run
 
 
+# ----------------------------------------------------------------------------- the loop
+
+
 def run_train(cfg: RunConfig) -> dict[str, float]:
     """The RL stage; returns the final evaluation metrics. Exits with PREEMPTED_EXIT_CODE on a stop signal."""
     from megatron.core import parallel_state
 
-    if cfg.data.task != "countdown":
-        raise ConfigError(
-            "data.task=math training is not wired into the trainer yet; use data.task=countdown"
-        )
-    unwired = {
-        "loss.kl_coef > 0 (needs a frozen reference model)": cfg.loss.kl_coef > 0,
-        "loss.off_policy=clip (needs guide logprobs)": cfg.loss.off_policy == "clip",
-        "scope.guide=engine (needs a teacher engine)": cfg.scope.guide == "engine" and cfg.scope.enabled,
-    }
-    for what, asked in unwired.items():
-        if asked:
-            raise ConfigError(f"{what} is not wired into the trainer yet")
+    check_wired(cfg)
     device = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.device, cfg.seed)
     preemption.install_handlers()
-    tok = prepare_tokenizer(cfg)
-    cfg = with_task_vocab(cfg, tok)
+    task = build_task(cfg)
+    cfg = task.cfg
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
     if cfg.rl.prompts_per_step % dp:
@@ -246,12 +395,6 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         )
     is_driver = parallel_state.get_model_parallel_group().rank() == 0
 
-    train_problems = countdown.make_problems(
-        4 * cfg.sft.num_train_problems, cfg.seed + 7, cfg.task, split="train"
-    )
-    eval_problems = countdown.make_problems(
-        cfg.rl.num_eval_problems, cfg.seed + 1, cfg.task, split="held_out", unique=True
-    )
     model, spec = build_gpt_model(cfg.model, cfg.parallel, device)
     ckpt_root = Path(cfg.run_dir) / RL_CHECKPOINTS
     resume = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
@@ -263,19 +406,22 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     )
     state = setup_training(model, spec.vocab_size, rl_optim, cfg.parallel, cfg.rl.steps)
     trainer = load_checkpoint(resume, state) if resume else TrainerState()
+    reference = build_reference(cfg, device) if cfg.loss.kl_coef > 0 else None
 
-    verifier = CountdownVerifier(cfg.task.ops)
-    prm = CountdownOraclePRM(cfg.task.ops)
-    engine = None
+    scope_on = cfg.scope.enabled and cfg.scope.active_method != "grpo"
+    prm = build_prm(cfg, device, is_driver) if scope_on else None
+    engine = guide = guide_engine = None
     if is_driver:
         from scope_mega.rollout.engine import make_engine
 
         engine = make_engine(
-            cfg.rollout.engine, cfg.model.hf_config, decode=tok.decode, eos_token_ids=[tok.eos_id]
+            cfg.rollout.engine,
+            cfg.model.hf_config,
+            decode=task.tokenizer.decode,
+            eos_token_ids=task.stop_token_ids,
         )
-    guide = make_guide(
-        cfg.scope.guide, delimiter=cfg.scope.step_delimiter, oracle_ops=cfg.task.ops, seed=cfg.seed
-    )
+        if scope_on:
+            guide, guide_engine = build_guide(cfg, task)
     bucket = cfg.rollout.sync_bucket_mb << 20
     sync_weights(engine, state.model[0], spec, bucket)
 
@@ -289,13 +435,15 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         cfg.wandb_mode,
         bar_keys=("reward", "rollout/accuracy", "scope/salvage_rate_failed", "tokens_per_s"),
     )
+    my_eval = task.eval[dp_rank::dp]  # each replica's driver evaluates its share
 
     def run_eval(step: int) -> dict[str, float]:
         metrics = None
         if is_driver:
             engine.wake_up()
-            metrics = evaluate(engine, tok, eval_problems, cfg, verifier, cfg.seed + 99)
+            mine = evaluate(engine, task, my_eval, cfg.seed + 99) if my_eval else {}
             engine.sleep()
+            metrics = weighted_mean(_gather_drivers((mine, len(my_eval))))
         metrics = _driver_broadcast(metrics, is_driver)
         logger.log(step, metrics)
         return metrics
@@ -305,34 +453,29 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     per_rank = cfg.rl.prompts_per_step // dp
     while trainer.step < cfg.rl.steps:
         t0 = time.perf_counter()
+        # 1-3. rollouts, verification and SCOPE on each replica's driver (the PRM's other ranks serve it)
         rng = random.Random(cfg.seed * 1_000_003 + trainer.step)
-        batch = [train_problems[rng.randrange(len(train_problems))] for _ in range(cfg.rl.prompts_per_step)]
+        batch = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rl.prompts_per_step)]
         mine = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         payload = None
         if is_driver:
-            engine.wake_up()
-            groups = rollout_groups(
-                engine, tok, mine, cfg, verifier, seed=cfg.seed + trainer.step * 9973 + dp_rank
-            )
-            infos = [PromptInfo(question=p.prompt(), reference=p.prompt()) for p in mine]
-            metrics = rollout_metrics(groups, ks=(1,))
-            final, stats = rectify_groups(
-                groups, infos, cfg.scope, tokenizer=tok, verifier=verifier, guide=guide, prm=prm
-            )
-            dense = None
-            if cfg.scope.active_method == "prm_dense":
-                dense = prm_dense_advantages(
-                    final, infos, prm, tok, cfg.scope.step_delimiter, cfg.advantage, cfg.scope.dense_coef
-                )
-            engine.sleep()
-            metrics.update(scope_metrics(stats))
-            metrics["reward"] = sum(t.reward for g in groups for t in g) / sum(len(g) for g in groups)
-            payload = (to_samples(final, cfg, dense), metrics)
+            try:
+                seed = cfg.seed + trainer.step * 9973 + dp_rank
+                payload = rollout_and_rectify(engine, guide_engine, guide, prm, task, mine, seed)
+            finally:
+                if isinstance(prm, ServedPRM):
+                    prm.release()
+        elif isinstance(prm, ServedPRM):
+            prm.serve()
         samples, metrics = _driver_broadcast(payload, is_driver)
-        micro = to_micro_batches(samples, cfg.rl.micro_batch_size, tok.pad_id)
-        loss_fn = partial(rl_loss, cfg.loss)
-        metrics.update(train_step(state, micro, loss_fn, need_entropy=True))
+        # 4-6. reference logprobs, advantages already in the samples, one optimizer step
+        micro = to_micro_batches(samples, cfg.rl.micro_batch_size, task.tokenizer.pad_id)
+        if reference is not None:
+            store_logprobs([reference], spec.vocab_size, micro, "ref_logprobs")
+        metrics.update(train_step(state, micro, partial(rl_loss, cfg.loss), need_entropy=True))
+        # 7. weights to the engine
         sync_weights(engine, state.model[0], spec, bucket)
+        # 8. log, evaluate, checkpoint
         trainer.step += 1
         trainer.data_position = trainer.step * cfg.rl.prompts_per_step
         tokens = sum(len(s.response_ids) for s in samples) * dp
@@ -353,6 +496,7 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     if not has_checkpoint(ckpt_root, trainer.step):
         save_checkpoint(ckpt_root, state, trainer, config_dict, cfg.checkpoint.keep_last)
     logger.close()
+    task.close()
     if is_rank0():
         print(" ".join(f"{k}={v:.4f}" for k, v in final_metrics.items()), flush=True)
     return final_metrics

@@ -17,10 +17,11 @@ Kinds (`ScopeConfig.guide`):
 from __future__ import annotations
 
 import abc
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from scope_mega.data import countdown
 from scope_mega.scope.config import GuideKind
@@ -90,6 +91,21 @@ class Guide(abc.ABC):
     @abc.abstractmethod
     def continue_batch(self, requests: Sequence[GuideRequest]) -> list[GuideOutput | None]:
         """One output per request, None where the guide cannot continue."""
+
+
+@dataclass
+class SampledContinuer:
+    """A `ContinuationEngine` over a rollout engine: one sample per prefix with `sampling` (n=1); the
+    seed advances with every call so successive batches draw fresh samples."""
+
+    engine: Any  # rollout.engine.RolloutEngine
+    sampling: Any  # rollout.engine.SamplingParams
+
+    def continue_prefixes(self, token_prefixes: Sequence[Sequence[int]]) -> Sequence[Continuation]:
+        outs = self.engine.generate([list(p) for p in token_prefixes], self.sampling)
+        if self.sampling.seed is not None:
+            self.sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + 1)
+        return [completions[0] for completions in outs]
 
 
 class EngineGuide(Guide):

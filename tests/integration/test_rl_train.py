@@ -1,4 +1,5 @@
-"""End to end: `scope-mega train` with TP=2 on CPU runs RL steps, checkpoints, and resumes."""
+"""End to end on CPU: `scope-mega train` runs RL steps with TP=2, checkpoints and resumes; PP=2 gives
+the single-process run's numbers; DP=2 splits the prompts over two replicas and logs all of them."""
 
 import json
 import os
@@ -15,10 +16,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "wandb_mode=disabled",
+    "seed=3",
     "model.hf_config.hidden_size=32",
     "model.hf_config.intermediate_size=64",
     "model.hf_config.num_hidden_layers=2",
-    "parallel.tp=2",
     "rl.prompts_per_step=4",
     "rl.group_size=4",
     "rl.micro_batch_size=8",
@@ -29,12 +30,11 @@ TINY = [
 ]
 
 
-def _train(run_dir: Path, steps: int) -> None:
+def _train(run_dir: Path, steps: int, *overrides: str, nproc: int = 2) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun), f"--nproc-per-node={nproc}", "--standalone"] if nproc > 1 else [sys.executable]
     cmd = [
-        str(torchrun),
-        "--nproc-per-node=2",
-        "--standalone",
+        *launcher,
         "-m",
         "scope_mega.cli",
         "train",
@@ -42,14 +42,19 @@ def _train(run_dir: Path, steps: int) -> None:
         f"run_dir={run_dir}",
         f"rl.steps={steps}",
         *TINY,
+        *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def _rl_steps(run_dir: Path) -> list[dict]:
+    return [m for m in read_metrics(run_dir) if m["stage"] == "rl" and "loss" in m]
+
+
 def test_two_rl_steps_with_tp2_then_resume(tmp_path):
-    _train(tmp_path, steps=2)
+    _train(tmp_path, 2, "parallel.tp=2")
     rl = [m for m in read_metrics(tmp_path) if m["stage"] == "rl"]
     assert [m["step"] for m in rl if "loss" in m] == [1, 2]
     assert {"reward", "rollout/accuracy", "scope/failed", "grad_norm", "tokens_per_s"} <= rl[1].keys()
@@ -58,7 +63,36 @@ def test_two_rl_steps_with_tp2_then_resume(tmp_path):
     state = json.loads((ckpts / "step_00000002" / "trainer_state.json").read_text())
     assert (state["tp"], state["step"]) == (2, 2)
 
-    _train(tmp_path, steps=3)  # resumes at step 2: step 3 only, nothing repeated
+    _train(tmp_path, 3, "parallel.tp=2")  # resumes at step 2: step 3 only, nothing repeated
     rl = [m for m in read_metrics(tmp_path) if m["stage"] == "rl"]
     assert [m["step"] for m in rl if "loss" in m] == [1, 2, 3]
     assert (ckpts / "latest").read_text() == "step_00000003"
+
+
+def test_pp2_matches_one_process(tmp_path):
+    """Same starting weights, same samples: PP=2 gives the single-process step's loss and grad norm.
+    An entropy bonus makes the gradient non-zero although the untrained policy earns no reward."""
+    _train(tmp_path / "init", 0, nproc=1)  # writes the starting checkpoint (step 0)
+    common = (f"rl.init_from={tmp_path / 'init' / 'checkpoints_rl'}", "loss.entropy_coef=0.01")
+    _train(tmp_path / "pp1", 2, *common, nproc=1)
+    _train(tmp_path / "pp2", 2, *common, "parallel.pp=2")
+    one, two = _rl_steps(tmp_path / "pp1"), _rl_steps(tmp_path / "pp2")
+    assert [m["step"] for m in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert b["reward"] == a["reward"] and b["entropy"] == pytest.approx(a["entropy"], rel=1e-5)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert two[0]["grad_norm"] > 0
+
+
+def test_dp2_splits_prompts_and_logs_every_replica(tmp_path):
+    """4 prompts x 4 samples over 2 replicas: the logged counts cover all 16 rollouts, not one
+    replica's 8, and the run resumes from its DP=2 checkpoint."""
+    _train(tmp_path, 1)
+    (step,) = _rl_steps(tmp_path)
+    assert step["scope/failed"] + step["rollout/accuracy"] * 16 == 16
+    assert step["scope/failed"] > 8
+    state = json.loads((tmp_path / "checkpoints_rl" / "step_00000001" / "trainer_state.json").read_text())
+    assert (state["tp"], state["world_size"], state["step"]) == (1, 2, 1)
+    _train(tmp_path, 2)
+    assert [m["step"] for m in _rl_steps(tmp_path)] == [1, 2]

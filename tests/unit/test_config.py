@@ -60,19 +60,25 @@ def test_wrong_types_and_choices(capsys):
 def test_cli_prints_no_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "scope_mega.cli", "sft", str(TINY), "parallel.pp=3", "--dry-run"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode == CONFIG_ERROR_EXIT_CODE
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("config error: parallel.pp=3")
 
 
-def test_trainer_refuses_options_it_does_not_wire(capsys):
-    for override, fragment in [
-        ("loss.kl_coef=0.1", "loss.kl_coef > 0"),
-        ("loss.off_policy=clip", "loss.off_policy=clip"),
-        ("scope.guide=engine", "scope.guide=engine"),
+def test_trainer_refuses_what_it_cannot_run(capsys):
+    for overrides, fragment in [
+        (["loss.kl_coef=0.1"], "loss.kl_coef > 0 needs the starting weights"),
+        (["loss.off_policy=clip"], "loss.off_policy=clip needs the guide's logprobs"),
+        (["scope.guide=engine"], "scope.guide=engine needs guide.guide_model"),
+        (["data.task=math"], "scope.guide=oracle is Countdown's"),
+        (["rollout.engine=vllm"], "rollout.engine=vllm is not wired"),
+        (["guide.prm=model"], "guide.prm=model needs guide.prm_path"),
+        (["guide.prm=model", "guide.prm_path=/x", "parallel.pp=2"], "guide.prm=model scores with pipeline"),
     ]:
-        code = main(["train", str(TINY), override, "run_dir=/nonexistent/never-written"])
+        code = main(["train", str(TINY), *overrides, "run_dir=/nonexistent/never-written"])
         err = capsys.readouterr().err.strip()
         assert code == CONFIG_ERROR_EXIT_CODE and err.startswith(f"config error: {fragment}"), err
