@@ -70,3 +70,29 @@ def test_scope_metrics():
         "scope/first_error/8+": 2,
     }
     assert "scope/salvage_rate_candidates" not in scope_metrics(ScopeStats())
+
+
+def test_weighted_mean_counts_only_parts_with_the_key():
+    from scope_mega.metrics import weighted_mean
+
+    parts = [({"a": 1.0, "b": 4.0}, 3), ({"a": 0.0}, 1), ({}, 5)]
+    assert weighted_mean(parts) == {"a": 0.75, "b": 4.0}
+
+
+def test_merge_stats_adds_counts_and_concatenates_lists():
+    from scope_mega.metrics import merge_stats
+
+    one = ScopeStats(failed=3, first_errors=[0, 2], candidates=1, salvaged=1, prefix_fractions=[0.5])
+    two = ScopeStats(failed=2, no_error=1, first_errors=[1], selected=2, rejected=1)
+    merged = merge_stats([one, two])
+    assert merged == ScopeStats(
+        failed=5,
+        no_error=1,
+        first_errors=[0, 2, 1],
+        candidates=1,
+        selected=2,
+        rejected=1,
+        salvaged=1,
+        prefix_fractions=[0.5],
+    )
+    assert one.first_errors == [0, 2]  # inputs untouched
