@@ -127,7 +127,7 @@ class GuideConfig:
     """The off-policy guide (SCOPE/LUFFY) and the PRM; `oracle` kinds use the task's own solver/checker."""
 
     prm: Literal["oracle", "model"] = "oracle"
-    prm_path: str | None = None  # an HF Qwen2.5-Math-PRM-style checkpoint directory (prm: model)
+    prm_path: str | None = None  # prm: model -- a Qwen2.5-Math-PRM checkpoint converted to Megatron
     guide_model: str | None = None  # an HF model directory served by a second engine (scope.guide: engine)
 
 

@@ -181,7 +181,10 @@ class Arch:
 
 
 def _arch_of_dir(path: str | None) -> Arch | None:
-    """The architecture in `<path>/config.json` when that file is readable here, else None."""
+    """The architecture in `<path>/config.json` (an HF directory) or `<path>/hf/config.json` (a
+    converted checkpoint) when that file is readable here, else None."""
+    if path and (Path(path) / "hf" / "config.json").is_file():
+        path = str(Path(path) / "hf")
     if not path or not (Path(path) / "config.json").is_file():
         return None
     import transformers

@@ -34,6 +34,7 @@ from scope_mega.checkpointing import (
 from scope_mega.config import ConfigError, RunConfig, to_dict
 from scope_mega.logging import MetricsLogger, is_rank0
 from scope_mega.metrics import merge_stats, rollout_metrics, scope_metrics, weighted_mean
+from scope_mega.models.arch import load_hf_config
 from scope_mega.models.gpt import build_gpt_model
 from scope_mega.models.prm import ServedPRM
 from scope_mega.rl.advantages import group_advantages
@@ -305,6 +306,12 @@ def build_prm(cfg: RunConfig, device: torch.device, is_driver: bool):
             f"with: scope-mega convert hf-to-megatron --hf-dir HF_PRM_DIR --out {path}"
         )
     model_cfg = dataclasses.replace(cfg.model, hf_config=str(path / "hf"))
+    kv_heads = load_hf_config(model_cfg.hf_config).num_key_value_heads
+    if kv_heads % cfg.parallel.tp:
+        raise ConfigError(
+            f"the PRM in {path} has {kv_heads} KV heads; it runs at the trainer's parallel.tp="
+            f"{cfg.parallel.tp}, which must divide them"
+        )
     model, spec = build_prm_model(model_cfg, cfg.parallel, device)
     load_prm_weights(path, model, spec)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path / "hf", local_files_only=True)
