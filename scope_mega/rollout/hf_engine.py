@@ -12,7 +12,7 @@ for short ones.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -163,8 +163,28 @@ class HFEngine:
         stream = CheckedStream(named_tensors, {name: p.shape for name, p in params.items()})
         with torch.no_grad():
             for name, tensor in stream:
-                params[name].copy_(tensor)  # converts dtype/device; works asleep too (weights on CPU)
+                if not _is_memory_of(tensor, params[name]):  # else a sync already wrote it in place
+                    params[name].copy_(tensor)  # converts dtype/device; works asleep too (weights on CPU)
         return stream.finish(full)
+
+    def writable_weights(self) -> dict[str, torch.Tensor]:
+        """The parameters, detached, when the engine runs on CPU, for a weight sync to fill in place and
+        then pass to `update_weights` (which checks them and copies nothing): the engine owns this
+        memory and does not read it while a sync runs. Empty on a GPU engine (each tensor is copied
+        to the device instead). See `streaming.Destination`."""
+        if self.device.type != "cpu":
+            return {}
+        return {name: p.detach() for name, p in self.model.named_parameters()}
+
+    def adopt_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Keep the parameters named in `tensors` in those tensors from now on (current values copied
+        in), e.g. shared memory that a weight sync's other ranks write into directly. Tied parameters
+        are one parameter, so they stay tied."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                tensor.copy_(params[name])
+                params[name].data = tensor
 
     def sleep(self) -> None:
         """On CUDA, move the weights to CPU memory and free the cache; on CPU only the state changes."""
@@ -246,3 +266,13 @@ class HFEngine:
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
         return done  # type: ignore[return-value]
+
+
+def _is_memory_of(tensor: torch.Tensor, param: torch.Tensor) -> bool:
+    """`tensor` is exactly `param`'s memory (same device, dtype, start and strides; shape is checked)."""
+    return (
+        tensor.device == param.device
+        and tensor.dtype == param.dtype
+        and tensor.data_ptr() == param.data_ptr()
+        and tensor.stride() == param.stride()
+    )

@@ -1,7 +1,7 @@
 """Per-step weight sync: the trainer's Megatron weights -> a rollout engine, as HF-named full tensors.
 
 The names, layouts and TP merging come from the ONE mapping (`scope_mega.weights.streaming.
-iter_hf_weights`); this module only checks the stream against the engine's model, groups it into
+gather_hf_weights`); this module only checks the stream against the engine's model, groups it into
 bounded buckets where an engine wants them, and drives the collective export on every rank.
 """
 
@@ -85,13 +85,29 @@ def sync_weights(
     engine: RolloutEngine | None, model, spec, bucket_bytes: int = 1 << 28, full: bool = True
 ) -> WeightUpdate | None:
     """Stream this rank's Megatron model (`model`, `spec` from `build_gpt_model`) into `engine` after an
-    optimizer step. Collective over the model-parallel groups: every rank calls it; a rank without an
-    engine passes None and only takes part in the gathers. If the engine rejects the stream, the rest
-    of the export is still run so the other ranks are not left waiting, then the error is raised."""
-    from scope_mega.weights.streaming import iter_hf_weights
+    optimizer step. Collective over the model-parallel groups: every rank calls it; only
+    model-parallel rank 0 (TP and PP rank 0) receives the weights, so the engine must be there, and
+    other ranks pass None. If the engine rejects the stream, the rest of the export is still run so
+    the other ranks are not left waiting, then the error is raised.
 
-    stream = _released(iter_hf_weights(model, spec, bucket_bytes))
+    The export is `streaming.gather_hf_weights`: on CPU, through shared memory and, for an engine
+    that is a `streaming.Destination` (the transformers engine on CPU), straight into its weights."""
+    from megatron.core import parallel_state
+
+    from scope_mega.weights.streaming import Destination, gather_hf_weights
+
+    receiver = (
+        parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_pipeline_model_parallel_rank() == 0
+    )
+    dest = engine if isinstance(engine, Destination) else None
+    stream = _released(gather_hf_weights(model, spec, bucket_bytes, dest=dest))
     try:
+        if engine is not None and not receiver:
+            raise ValueError(
+                "sync_weights: the engine must be on model-parallel rank 0 (TP and PP rank 0), "
+                "the only rank that receives the weights"
+            )
         return None if engine is None else engine.update_weights(stream, full=full)
     finally:
         for _ in stream:

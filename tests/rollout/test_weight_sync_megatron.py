@@ -61,6 +61,15 @@ def _worker():
         torch.manual_seed(999)  # the engine starts from different random weights
         engine = HFEngine.from_config(hf, decode=str) if rank == 0 else None
         report = sync_weights(engine, model, spec, bucket_bytes=BUCKET)
+        with torch.no_grad():  # an optimizer step, then the steady-state sync into the engine's weights
+            for p in model.parameters():
+                p.mul_(0.9)
+        report = sync_weights(engine, model, spec, bucket_bytes=BUCKET)
+        if rank == 1:  # only model-parallel rank 0 receives: an engine elsewhere is refused
+            with pytest.raises(ValueError, match="model-parallel rank 0"):
+                sync_weights(object(), model, spec, bucket_bytes=BUCKET)
+        else:
+            sync_weights(engine, model, spec, bucket_bytes=BUCKET)
 
         # Engine samples (rank 0) -> both ranks score them with TP=2 Megatron -> identical logprobs.
         samples = [None]
