@@ -1,9 +1,11 @@
 """HF <-> Megatron weight mapping: one declarative table per architecture family, plus the few tensor
 transforms the tables name (QKV fusion, gate/up fusion, vocab padding) and their TP merge.
 
-Import, export and live weight streaming all go through `family_for`, `to_megatron`, `to_hf` and
-`tp_merge`; there is no second copy of any layout rule. The full (TP=1) layout `to_megatron` builds is
-also the global layout of that tensor in a `torch_dist` checkpoint, whatever TP saved it.
+Import, export and live weight streaming all go through `family_for`, `megatron_layout` (import's
+transforms as row placements, which import reads straight into place and `to_megatron` applies to
+tensors in memory), `to_hf` and `tp_merge`; there is no second copy of any layout rule. The full
+(TP=1) layout `megatron_layout` describes is also the global layout of that tensor in a `torch_dist`
+checkpoint, whatever TP saved it.
 
 Megatron names are the *canonical* ones of the sharded checkpoint, which are the Transformer Engine
 spellings (the local layer spec maps its norm names onto them when saving): `input_layernorm.weight`
@@ -202,28 +204,81 @@ _LOCAL_TO_CANONICAL = {r.local: r.megatron for r in DECODER_LAYER if r.local}
 # ----------------------------------------------------------------------------- transforms
 
 
-def to_megatron(rule: Rule, tensors: list[torch.Tensor], dims: Dims, padded_vocab: int) -> torch.Tensor:
-    """HF tensor(s) -> the full (TP=1) Megatron tensor."""
+@dataclass(frozen=True)
+class Block:
+    """Rows `[src, src + rows)` of HF tensor number `part` are rows `[dst, dst + rows)` of the Megatron
+    tensor (rows: the first dimension; the elements of a 1-D tensor)."""
+
+    part: int
+    src: int
+    dst: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The full (TP=1) Megatron tensor as row blocks of its HF tensors, in Megatron row order. Every
+    import transform is such a row placement, so import can read each block straight into its place;
+    rows no block covers are zero (vocab padding)."""
+
+    rows: int
+    blocks: tuple[Block, ...]
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """The `[start, stop)` row ranges no block covers."""
+        out, at = [], 0
+        for b in (*self.blocks, Block(0, 0, self.rows, 0)):
+            if b.dst > at:
+                out.append((at, b.dst))
+            at = b.dst + b.rows
+        return out
+
+
+def megatron_layout(rule: Rule, hf_rows: list[int], dims: Dims, padded_vocab: int) -> Layout:
+    """Where the rows of the HF tensors (`hf_rows[i]` rows each, in `rule.hf` order) go in the full
+    Megatron tensor; row counts that do not fit the config fail here."""
     if rule.kind == "copy":
-        return tensors[0]
+        return Layout(hf_rows[0], (Block(0, 0, 0, hf_rows[0]),))
     if rule.kind == "vocab":
-        t = tensors[0]
-        if t.shape[0] != dims.vocab_size:
-            raise ConversionError(f"{rule.hf[0]} has {t.shape[0]} rows, config vocab_size={dims.vocab_size}")
-        if padded_vocab == t.shape[0]:
-            return t
-        return torch.cat([t, t.new_zeros((padded_vocab - t.shape[0], *t.shape[1:]))])
+        if hf_rows[0] != dims.vocab_size:
+            raise ConversionError(f"{rule.hf[0]} has {hf_rows[0]} rows, config vocab_size={dims.vocab_size}")
+        if padded_vocab < dims.vocab_size:
+            raise ConversionError(f"{rule.megatron} has {padded_vocab} rows, fewer than vocab_size")
+        return Layout(padded_vocab, (Block(0, 0, 0, dims.vocab_size),))
     if rule.kind == "gate_up":
-        return torch.cat(tensors)
-    q, k, v = tensors  # qkv: per KV group, its heads/groups query heads, then K, then V
-    g, d, rest = dims.groups, dims.head_dim, q.shape[1:]
+        gate, up = hf_rows
+        return Layout(gate + up, (Block(0, 0, 0, gate), Block(1, 0, gate, up)))
+    # qkv: per KV group, its heads/groups query heads, then its K head, then its V head
+    g, d = dims.groups, dims.head_dim
     per = dims.heads // g
-    expected = {"q": dims.heads * d, "k": g * d, "v": g * d}
-    for part, t in zip("qkv", tensors):
-        if t.shape[0] != expected[part]:
-            raise ConversionError(f"{part}_proj has {t.shape[0]} rows, expected {expected[part]} from config")
-    fused = torch.cat([q.reshape(g, per * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], 1)
-    return fused.reshape(-1, *rest)
+    expected = (dims.heads * d, g * d, g * d)
+    for part, rows, want in zip("qkv", hf_rows, expected):
+        if rows != want:
+            raise ConversionError(f"{part}_proj has {rows} rows, expected {want} from config")
+    group = (per + 2) * d
+    blocks = []
+    for j in range(g):
+        blocks += [Block(0, j * per * d, j * group, per * d), Block(1, j * d, j * group + per * d, d)]
+        blocks.append(Block(2, j * d, j * group + (per + 1) * d, d))
+    return Layout(g * group, tuple(blocks))
+
+
+def to_megatron(rule: Rule, tensors: list[torch.Tensor], dims: Dims, padded_vocab: int) -> torch.Tensor:
+    """HF tensor(s) -> the full (TP=1) Megatron tensor, placed as `megatron_layout` says (a rule that
+    only copies returns the HF tensor itself)."""
+    layout = megatron_layout(rule, [t.shape[0] for t in tensors], dims, padded_vocab)
+    first = tensors[0]
+    if layout.rows == first.shape[0] and len(layout.blocks) == 1:
+        return first
+    for name, t in zip(rule.hf, tensors):
+        if t.shape[1:] != first.shape[1:]:
+            raise ConversionError(f"{name} has shape {tuple(t.shape)}, {rule.hf[0]} {tuple(first.shape)}")
+    out = first.new_empty((layout.rows, *first.shape[1:]))
+    for b in layout.blocks:
+        out[b.dst : b.dst + b.rows] = tensors[b.part][b.src : b.src + b.rows]
+    for start, stop in layout.gaps():
+        out[start:stop] = 0
+    return out
 
 
 def to_hf(rule: Rule, tensor: torch.Tensor, dims: Dims) -> list[torch.Tensor]:

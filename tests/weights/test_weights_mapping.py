@@ -19,6 +19,7 @@ from scope_mega.weights.mapping import (
     canonical_name,
     family_for,
     hf_names,
+    megatron_layout,
     to_hf,
     to_megatron,
     tp_merge,
@@ -66,6 +67,23 @@ def test_vocab_padding_is_zero_rows_and_export_trims_it():
     padded = to_megatron(EMBEDDING, [emb], DIMS, padded_vocab=8)
     assert padded.shape == (8, 3) and torch.equal(padded[5:], torch.zeros(3, 3))
     assert torch.equal(to_hf(EMBEDDING, padded, DIMS)[0], emb)
+
+
+def test_layouts_place_every_hf_row_once_and_only_padding_is_left_zero():
+    dims = Dims(heads=8, groups=4, head_dim=3, vocab_size=10)
+    for rule, rows in [(QKV, [24, 12, 12]), (GATE_UP, [8, 8]), (EMBEDDING, [10])]:
+        layout = megatron_layout(rule, rows, dims, padded_vocab=16)
+        placed = sorted((b.dst, b.dst + b.rows) for b in layout.blocks)
+        assert all(a[1] <= b[0] for a, b in zip(placed, placed[1:])), rule  # no overlap
+        for part, n in enumerate(rows):  # each HF row exactly once
+            assert sorted(
+                r for b in layout.blocks if b.part == part for r in range(b.src, b.src + b.rows)
+            ) == list(range(n))
+        assert layout.gaps() == ([(10, 16)] if rule is EMBEDDING else [])
+    with pytest.raises(ConversionError, match="k_proj has 6 rows, expected 12"):
+        megatron_layout(QKV, [24, 6, 12], dims, padded_vocab=16)
+    with pytest.raises(ConversionError, match="up has shape"):
+        to_megatron(GATE_UP, [torch.zeros(8, 6), torch.zeros(8, 1)], dims, padded_vocab=16)
 
 
 def test_every_transform_inverts():
