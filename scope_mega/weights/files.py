@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,12 +27,27 @@ SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch
 _SAFETENSORS_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor of a safetensors file lies: its file, dtype, shape and first byte."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+
 class HFCheckpoint:
-    """An HF safetensors checkpoint read one tensor at a time.
+    """An HF safetensors checkpoint read one tensor (or a few rows of one) at a time.
 
     The constructor checks every file listed (present, complete header, data fully covered) and
-    that the index agrees with the files, so a bad checkpoint fails before any work is done. Each
-    `read` opens the file, copies one tensor out and closes it: nothing stays mapped between reads.
+    that the index agrees with the files, so a bad checkpoint fails before any work is done. Reads
+    go straight from the file into the caller's buffer with plain `read` calls, not through a memory
+    map: a mapped file's pages would count against this process's RSS on top of the copy.
     """
 
     def __init__(self, hf_dir: str | Path):
@@ -49,32 +65,68 @@ class HFCheckpoint:
         else:
             raise ConversionError(f"no {SINGLE_NAME} or {INDEX_NAME} in {self.dir} (safetensors only)")
         files = sorted(set(weight_map.values())) or [SINGLE_NAME]
-        self.file_of: dict[str, Path] = {}
-        self.dtypes: dict[str, torch.dtype] = {}
+        self.tensors: dict[str, StoredTensor] = {}
         for name in files:
             path = self.dir / name
             if not path.is_file():
                 raise ConversionError(f"safetensors file {path} is missing (listed in {INDEX_NAME})")
             try:
-                with safe_open(path, framework="pt") as f:
-                    for key in f.keys():  # noqa: SIM118 (safe_open handles are not mappings)
-                        self.file_of[key] = path
-                        self.dtypes[key] = _dtype(f.get_slice(key).get_dtype(), path)
+                with safe_open(path, framework="pt"):  # the reference check: header complete, data covered
+                    pass
             except SafetensorError as e:
                 raise ConversionError(f"{path} is truncated or corrupt ({e})") from None
+            self.tensors.update(_stored_tensors(path))
         for key, name in weight_map.items():
-            if self.file_of.get(key) != self.dir / name:
+            if key not in self.tensors or self.tensors[key].path != self.dir / name:
                 raise ConversionError(f"{INDEX_NAME} puts {key} in {name}, but that file does not hold it")
 
     @property
     def names(self) -> list[str]:
-        return list(self.file_of)
+        return list(self.tensors)
 
-    def read(self, name: str) -> torch.Tensor:
-        if name not in self.file_of:
+    def stored(self, name: str) -> StoredTensor:
+        if name not in self.tensors:
             raise ConversionError(f"HF tensor {name} is missing from {self.dir}")
-        with safe_open(self.file_of[name], framework="pt") as f:
-            return f.get_tensor(name)
+        return self.tensors[name]
+
+    def read_rows(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Rows `[start, start + len(out))` of tensor `name` (elements, for a 1-D tensor) into the
+        contiguous `out`, cast to its dtype."""
+        t = self.stored(name)
+        if tuple(out.shape[1:]) != t.shape[1:] or not 0 <= start <= start + len(out) <= t.shape[0]:
+            raise ConversionError(
+                f"{name} {t.shape} does not fit Megatron's rows {start}..{start + len(out)} of "
+                f"{tuple(out.shape[1:])} (config and checkpoint disagree)"
+            )
+        dest = out if out.dtype == t.dtype else torch.empty(out.shape, dtype=t.dtype)
+        with open(t.path, "rb", buffering=0) as f:
+            f.seek(t.offset + start * t.row_bytes)
+            read_exactly(f, dest, f"{t.path} ({name})")
+        if dest is not out:
+            out.copy_(dest)
+
+
+def read_exactly(f: BinaryIO, out: torch.Tensor, what: str) -> None:
+    """Fill the contiguous `out` with the next bytes of `f` (`readinto` may return fewer than asked)."""
+    buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(buf):
+        n = f.readinto(buf[done:])
+        if not n:
+            raise ConversionError(f"{what}: file ends early")
+        done += n
+
+
+def _stored_tensors(path: Path) -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file from its header (8-byte length, then JSON)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return {
+        name: StoredTensor(path, _dtype(h["dtype"], path), tuple(h["shape"]), 8 + size + h["data_offsets"][0])
+        for name, h in header.items()
+    }
 
 
 def _dtype(code: str, path: Path) -> torch.dtype:

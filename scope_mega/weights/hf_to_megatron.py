@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import shutil
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +37,8 @@ from scope_mega.weights.mapping import (
     family_for,
     hf_names,
     is_prm,
+    megatron_layout,
     some_names,
-    to_megatron,
 )
 
 
@@ -64,7 +63,7 @@ def plan_import(
     family_for(hf)
     ckpt = files.HFCheckpoint(hf_dir)
     check_hf_tensors(hf, ckpt.names)
-    exact = "bfloat16" if set(ckpt.dtypes.values()) == {torch.bfloat16} else "float32"
+    exact = "bfloat16" if {t.dtype for t in ckpt.tensors.values()} == {torch.bfloat16} else "float32"
     model = ModelConfig(
         hf_config=structure_only(hf),
         transformer_impl="local",
@@ -103,16 +102,17 @@ def check_hf_tensors(hf: transformers.PretrainedConfig, present: list[str]) -> N
 
 
 class ChunkSource:
-    """Checkpoint chunks computed from the HF tensors when they are written.
+    """Checkpoint chunks read from the HF files when they are written.
 
-    A chunk is a slice of a Megatron checkpoint tensor in its global (TP=1) layout, which is exactly
-    what `mapping.to_megatron` builds: fused QKV grouped per KV head, `[gate; up]`, padded vocab.
-    Layer tensors are stacked under one key (`decoder.layers.<suffix>`, first dim = layer). The last
-    full tensor is kept, since a rank writes consecutive chunks of one tensor (fc1's gate and up).
+    A chunk is a slice of a Megatron checkpoint tensor in its global (TP=1) layout, the one
+    `mapping.megatron_layout` describes: fused QKV grouped per KV head, `[gate; up]`, padded vocab.
+    Layer tensors are stacked under one key (`decoder.layers.<suffix>`, first dim = layer). Each chunk
+    is read row block by row block straight into a buffer of its own size: one copy of the data, and
+    never more of a tensor in memory than the chunk being written (a TP rank's part, gate or up).
     """
 
-    def __init__(self, hf: transformers.PretrainedConfig, read: Callable[[str], torch.Tensor]):
-        self.read = read
+    def __init__(self, hf: transformers.PretrainedConfig, checkpoint: files.HFCheckpoint):
+        self.checkpoint = checkpoint
         self.dims = Dims.of(hf)
         self.by_key: dict[tuple[str, int | None], Binding] = {}
         for b in bindings(hf):
@@ -121,24 +121,40 @@ class ChunkSource:
             else:
                 suffix = b.megatron.split(".", 3)[3]  # decoder.layers.{i}.<suffix>
                 self.by_key[(LAYER_PREFIX_MEGATRON + suffix, b.layer)] = b
-        self.last: tuple[tuple[str, int | None], torch.Tensor] | None = None
 
-    def chunk(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], shape: tuple[int, ...]):
-        """The slice at `offsets` / `sizes` of checkpoint tensor `key` of global `shape`."""
+    def chunk(
+        self,
+        key: str,
+        offsets: tuple[int, ...],
+        sizes: tuple[int, ...],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The slice at `offsets` / `sizes` of checkpoint tensor `key` of global `shape`, as `dtype`,
+        in a tensor that owns exactly its storage (else the writer would copy it once more)."""
         stacked = key.startswith(LAYER_PREFIX_MEGATRON) and (key, offsets[0]) in self.by_key
-        where = (key, offsets[0] if stacked else None)
-        if self.last is None or self.last[0] != where:
-            self.last = None  # free the previous tensor before building the next
-            b = self.by_key[where]
-            rows = shape[1] if stacked else shape[0]  # padded vocab rows, for vocab tensors
-            full = to_megatron(b.rule, [self.read(n) for n in b.hf], self.dims, rows)
-            self.last = (where, full.unsqueeze(0) if stacked else full)
-        out = self.last[1]
+        b = self.by_key[(key, offsets[0] if stacked else None)]
+        full_sizes = sizes
         if stacked:
-            offsets = (0, *offsets[1:])
-        for dim, (offset, size) in enumerate(zip(offsets, sizes)):
-            out = out.narrow(dim, offset, size)
-        return out
+            offsets, sizes, shape = offsets[1:], sizes[1:], shape[1:]
+        rows = [self.checkpoint.stored(n).shape[0] for n in b.hf]
+        layout = megatron_layout(b.rule, rows, self.dims, shape[0])
+        start, stop = offsets[0], offsets[0] + sizes[0]
+        out = torch.empty((sizes[0], *shape[1:]), dtype=dtype)
+        read = self.checkpoint.read_rows
+        for blk in layout.blocks:
+            lo, hi = max(start, blk.dst), min(stop, blk.dst + blk.rows)
+            if lo < hi:
+                read(b.hf[blk.part], blk.src + lo - blk.dst, out[lo - start : hi - start])
+        for lo, hi in layout.gaps():  # vocab padding: zero rows
+            lo, hi = max(start, lo), min(stop, hi)
+            if lo < hi:
+                out[lo - start : hi - start] = 0
+        if tuple(out.shape) != sizes:  # TP splits a later dimension: keep only this chunk's columns
+            for dim, (offset, size) in enumerate(zip(offsets[1:], sizes[1:]), start=1):
+                out = out.narrow(dim, offset, size)
+            out = out.clone()
+        return out.view(full_sizes)
 
 
 def save_streaming(model: torch.nn.Module, source: ChunkSource, model_dir: Path) -> None:
@@ -166,10 +182,10 @@ def save_streaming(model: torch.nn.Module, source: ChunkSource, model_dir: Path)
             if item.type == WriteItemType.BYTE_IO:
                 return super().resolve_data(item)
             data = item.tensor_data
-            chunk = source.chunk(
-                item.index.fqn, tuple(data.chunk.offsets), tuple(data.chunk.sizes), tuple(data.size)
-            )
-            return chunk.to(data.properties.dtype)  # the model's dtype, which the metadata records
+            chunk = data.chunk
+            # in the model's dtype, which the metadata records
+            args = (tuple(chunk.offsets), tuple(chunk.sizes), tuple(data.size), data.properties.dtype)
+            return source.chunk(item.index.fqn, *args)
 
     class StreamingSave(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
@@ -200,7 +216,7 @@ def write_megatron_checkpoint(plan: ImportPlan, device: torch.device, model_dir:
     unused = sorted(set(plan.checkpoint.names).difference(*everyone))
     if unused:  # same verdict on every rank: all raise together
         raise ConversionError(f"HF tensors not written to any Megatron parameter: {some_names(unused)}")
-    save_streaming(model, ChunkSource(plan.hf, plan.checkpoint.read), model_dir)
+    save_streaming(model, ChunkSource(plan.hf, plan.checkpoint), model_dir)
 
 
 def build_model(plan: ImportPlan, device: torch.device):

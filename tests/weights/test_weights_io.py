@@ -1,0 +1,75 @@
+"""Reading without extra copies: import chunks read row block by row block from safetensors, checked
+against the in-memory reference (`to_megatron`)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny_models import write_hf_checkpoint
+from safetensors.torch import save_file
+
+from scope_mega.models import arch
+from scope_mega.weights.files import HFCheckpoint
+from scope_mega.weights.hf_to_megatron import ChunkSource
+from scope_mega.weights.mapping import ConversionError, Dims, bindings, to_megatron
+
+PADDED_VOCAB = 256  # tiny models have vocab 100
+
+
+def _chunks(shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Offsets and sizes of: the whole tensor, row splits in 2 and 3 (not aligned to any block), and
+    for 2-D tensors a column split in 2 (what TP does to linear_proj / linear_fc2)."""
+    rows, rest = shape[0], shape[1:]
+    out = [((0,) * len(shape), shape)]
+    for parts in (2, 3):
+        cuts = [rows * i // parts for i in range(parts + 1)]
+        out += [((a, *(0,) * len(rest)), (b - a, *rest)) for a, b in zip(cuts, cuts[1:])]
+    if rest:
+        half = rest[0] // 2
+        out += [((0, 0), (rows, half)), ((0, half), (rows, rest[0] - half))]
+    return out
+
+
+@pytest.mark.parametrize("case", ["qwen2_tied", "qwen3"])
+def test_import_chunks_equal_slices_of_the_in_memory_transform(case, tmp_path: Path):
+    """Every chunk ChunkSource reads (as bf16 from fp32 files, so through the cast too) is the slice of
+    `to_megatron`'s full tensor; vocab padding rows are zero."""
+    write_hf_checkpoint(case, tmp_path)
+    hf = arch.load_hf_config(tmp_path)
+    ckpt = HFCheckpoint(tmp_path)
+    source, dims = ChunkSource(hf, ckpt), Dims.of(hf)
+    reference = {}
+    for b in bindings(hf):
+        tensors = [torch.zeros(ckpt.stored(n).shape) for n in b.hf]
+        for name, t in zip(b.hf, tensors):
+            ckpt.read_rows(name, 0, t)
+        full = to_megatron(b.rule, tensors, dims, PADDED_VOCAB)
+        if b.rule.kind == "vocab":
+            assert full.shape[0] == PADDED_VOCAB and not full[dims.vocab_size :].any()
+        if b.layer is None:
+            reference[b.megatron] = full
+        else:  # stacked under decoder.layers.<suffix>, first dim = layer
+            reference.setdefault("decoder.layers." + b.megatron.split(".", 3)[3], {})[b.layer] = full
+    for key, full in reference.items():
+        layers = full if isinstance(full, dict) else {None: full}
+        for layer, t in layers.items():
+            for offsets, sizes in _chunks(tuple(t.shape)):
+                if layer is None:
+                    got = source.chunk(key, offsets, sizes, tuple(t.shape), torch.bfloat16)
+                else:
+                    shape = (len(layers), *t.shape)
+                    got = source.chunk(key, (layer, *offsets), (1, *sizes), shape, torch.bfloat16)[0]
+                want = t
+                for dim, (o, n) in enumerate(zip(offsets, sizes)):
+                    want = want.narrow(dim, o, n)
+                assert torch.equal(got, want.to(torch.bfloat16)), (key, layer, offsets, sizes)
+                assert got.untyped_storage().nbytes() == got.nbytes  # the writer would copy a view
+
+
+def test_import_read_refuses_rows_that_do_not_fit(tmp_path: Path):
+    save_file({"w": torch.zeros(4, 3)}, str(tmp_path / "model.safetensors"))
+    ckpt = HFCheckpoint(tmp_path)
+    with pytest.raises(ConversionError, match="does not fit"):
+        ckpt.read_rows("w", 2, torch.empty(3, 3))
+    with pytest.raises(ConversionError, match="does not fit"):
+        ckpt.read_rows("w", 0, torch.empty(4, 2))
