@@ -1,5 +1,6 @@
-"""Reading without extra copies: import chunks read row block by row block from safetensors, checked
-against the in-memory reference (`to_megatron`)."""
+"""Reading without extra copies: import chunks read row block by row block from safetensors, and export
+reads chunk bytes straight out of a `torch_dist` checkpoint's files. Both checked against plain
+in-memory references (`to_megatron`, `torch.load`)."""
 
 from pathlib import Path
 
@@ -7,13 +8,17 @@ import pytest
 import torch
 from _tiny_models import write_hf_checkpoint
 from safetensors.torch import save_file
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import save as dcp_save
 
 from scope_mega.models import arch
 from scope_mega.weights.files import HFCheckpoint
 from scope_mega.weights.hf_to_megatron import ChunkSource
 from scope_mega.weights.mapping import ConversionError, Dims, bindings, to_megatron
+from scope_mega.weights.megatron_ckpt import MegatronCheckpoint
 
 PADDED_VOCAB = 256  # tiny models have vocab 100
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
 def _chunks(shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -73,3 +78,36 @@ def test_import_read_refuses_rows_that_do_not_fit(tmp_path: Path):
         ckpt.read_rows("w", 2, torch.empty(3, 3))
     with pytest.raises(ConversionError, match="does not fit"):
         ckpt.read_rows("w", 0, torch.empty(4, 2))
+
+
+def _save_dcp(path: Path, state: dict[str, torch.Tensor]) -> None:
+    dcp_save(state, storage_writer=FileSystemWriter(str(path)), no_dist=True)
+
+
+def test_export_reads_chunk_bytes_of_every_layout(tmp_path: Path):
+    """Whole tensors, layer slices of stacked keys, and each dtype read from the files bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "decoder.layers.mlp.linear_fc2.weight": torch.randn(3, 5, 7, generator=gen),
+        "decoder.layers.input_layernorm.weight": torch.randn(3, 7, generator=gen).to(torch.bfloat16),
+        "embedding.word_embeddings.weight": torch.randn(11, 7, generator=gen).to(torch.float16),
+    }
+    _save_dcp(tmp_path, state)
+    ckpt = MegatronCheckpoint(tmp_path)
+    emb = ckpt.read(["embedding.word_embeddings.weight"])["embedding.word_embeddings.weight"]
+    assert emb.dtype == torch.float16 and torch.equal(emb, state["embedding.word_embeddings.weight"])
+    for layer in range(3):
+        names = [
+            f"decoder.layers.{layer}.mlp.linear_fc2.weight",
+            f"decoder.layers.{layer}.input_layernorm.weight",
+        ]
+        got = ckpt.read(names)
+        assert torch.equal(got[names[0]], state["decoder.layers.mlp.linear_fc2.weight"][layer])
+        assert torch.equal(got[names[1]], state["decoder.layers.input_layernorm.weight"][layer])
+
+
+def test_export_refuses_a_chunk_stored_with_other_strides(tmp_path: Path):
+    """A transposed tensor is saved with its strides: reading its bytes row-major would permute it."""
+    _save_dcp(tmp_path, {"output_layer.weight": torch.randn(7, 5).t()})
+    with pytest.raises(ConversionError, match="is stored as"):
+        MegatronCheckpoint(tmp_path).read(["output_layer.weight"])
