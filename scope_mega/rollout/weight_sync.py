@@ -7,6 +7,7 @@ bounded buckets where an engine wants them, and drives the collective export on 
 
 from __future__ import annotations
 
+import collections
 import difflib
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -110,8 +111,7 @@ def sync_weights(
             )
         return None if engine is None else engine.update_weights(stream, full=full)
     finally:
-        for _ in stream:
-            pass
+        collections.deque(stream, maxlen=0)  # run the export to the end, holding no tensor meanwhile
 
 
 def _released(bucket_iter: Iterator[list[NamedTensor]]) -> Iterator[NamedTensor]:

@@ -184,10 +184,15 @@ class _Bucketer:
 
     def add(self, name: str, tensor: torch.Tensor) -> Iterator[Bucket]:
         nbytes = tensor.numel() * tensor.element_size()
-        if self.bucket and self.size + nbytes > self.limit:
-            yield from self.flush()
+        yield from self.make_room(nbytes)
         self.bucket.append((name, tensor))
         self.size += nbytes
+
+    def make_room(self, nbytes: int) -> Iterator[Bucket]:
+        """Hand out the bucket if `nbytes` more would overflow it (before allocating them, so that
+        the two are never held together)."""
+        if self.bucket and self.size + nbytes > self.limit:
+            yield from self.flush()
 
     def flush(self) -> Iterator[Bucket]:
         if self.bucket:
@@ -379,7 +384,12 @@ def _fused_stage(
     for i, (binding, param) in enumerate(local):
         shard = param.detach()
         plan = merge_plan(binding.rule, tuple(shard.shape), tp_size, dims)
-        outs = [_destination(n, shape, shard.dtype, into) for n, shape in zip(binding.hf, plan.shapes)]
+        found = [_in_place(name, shape, into) for name, shape in zip(binding.hf, plan.shapes)]
+        fresh = [shape for shape, t in zip(plan.shapes, found) if t is None]
+        yield from bucket.make_room(sum(shape.numel() for shape in fresh) * shard.element_size())
+        outs = [
+            torch.empty(shape, dtype=shard.dtype) if t is None else t for shape, t in zip(plan.shapes, found)
+        ]
         if split[i] is None:
             copy_blocks(plan, outs, 0, shard, 0)
         for k, first, last, offset in by_binding.get(i, ()):
@@ -563,12 +573,10 @@ def _slot_rows(
     return raw.view(shard.dtype).view(last - first, *shard.shape[1:])
 
 
-def _destination(
-    name: str, shape: torch.Size, dtype: torch.dtype, into: Mapping[str, torch.Tensor] | None
-) -> torch.Tensor:
-    """`into[name]` when it has this shape, else a fresh tensor."""
+def _in_place(name: str, shape: torch.Size, into: Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """`into[name]` when it has this shape (the export writes it in place), else None."""
     dest = into.get(name) if into else None
-    return dest if dest is not None and dest.shape == shape else torch.empty(shape, dtype=dtype)
+    return dest if dest is not None and dest.shape == shape else None
 
 
 def _row_bytes(tensor: torch.Tensor) -> int:
