@@ -121,11 +121,13 @@ class SharedRegions:
 
 
 def _map(path: str, nbytes: int, create: bool) -> mmap.mmap:
-    """Map the file at `path` (created with `nbytes` if `create`; removed again if that fails)."""
+    """Map the file at `path` (created with `nbytes` if `create`; removed again if that fails). The
+    space is reserved at creation, so a full /dev/shm (small in containers) fails here, and the group
+    falls back to the process group, instead of a SIGBUS at the first write."""
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR if create else os.O_RDWR, 0o600)
     try:
         if create:
-            os.ftruncate(fd, nbytes)
+            os.posix_fallocate(fd, 0, nbytes)
         return mmap.mmap(fd, nbytes)
     except OSError:
         if create:

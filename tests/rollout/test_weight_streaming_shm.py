@@ -2,7 +2,8 @@
 yields bitwise the tensors of the process-group export, to model-parallel rank 0 only: through the
 double-buffered slots (several rounds, shards cut across rounds), into a shared arena a destination
 adopts once and keeps, and through the slots into a destination's own weights when it cannot have an
-arena; and it leaves nothing in /dev/shm."""
+arena, and over the process group when a rank cannot create shared memory; and it leaves nothing in
+/dev/shm."""
 
 import gc
 import os
@@ -84,6 +85,7 @@ def _check(got: dict, ref: dict, driver: bool, what: str, dtype: torch.dtype = t
 
 
 def _layout(tp: int, pp: int, seed: int, hf_dict: dict) -> None:
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from scope_mega.config import ModelConfig, ParallelConfig
@@ -91,7 +93,7 @@ def _layout(tp: int, pp: int, seed: int, hf_dict: dict) -> None:
     from scope_mega.rollout.weight_sync import hf_parameter_shapes
     from scope_mega.runtime import shm
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
-    from scope_mega.weights.streaming import gather_hf_weights, iter_hf_weights
+    from scope_mega.weights.streaming import gather_hf_weights, iter_hf_weights, release_shared_memory
 
     dev = init_distributed(tp=tp, pp=pp, device="cpu", seed=seed)
     model, spec = build_gpt_model(ModelConfig(hf_config=dict(hf_dict)), ParallelConfig(tp=tp, pp=pp), dev)
@@ -137,6 +139,16 @@ def _layout(tp: int, pp: int, seed: int, hf_dict: dict) -> None:
     assert dest is None or dest.adopted == 1
     named = [n for n in _ours(os.getpid()) if n.startswith("scope_mega_")]
     assert named == [], f"{where}: files left in /dev/shm while in use: {named}"
+
+    # a rank that cannot create its shared memory: its group (and the model-parallel group) agree
+    # on the process-group path
+    release_shared_memory()
+    if dist.get_rank() == 1:
+        shm.SHM_DIR = "/nonexistent"
+    _check(_collect(gather_hf_weights(model, spec, BUCKET)), ref, driver, f"{where} fallback")
+    assert dist.get_rank() > 1 or shm.held_bytes() == 0
+    shm.SHM_DIR = "/dev/shm"
+    release_shared_memory()
     destroy_distributed(keep_process_group=True)
 
 
