@@ -50,14 +50,14 @@ class SharedRegions:
         self.views = [empty if m is None else torch.frombuffer(m, dtype=torch.uint8) for m in maps]
 
     @classmethod
-    def open(cls, group, nbytes: int, signals: bool = True) -> SharedRegions | None:
-        """Collective over `group`: create this rank's region of `nbytes` (none if 0) and, with
-        `signals`, its inbound FIFOs; then map every peer's region and open the FIFOs that peers read
-        from this rank. None on every rank when some rank cannot (other host, no /dev/shm): the
-        caller then uses the process group."""
+    def open(cls, group, nbytes: int) -> SharedRegions | None:
+        """Collective over `group`: create this rank's region of `nbytes` (none if 0) and its inbound
+        FIFOs, then map every peer's region and open the FIFOs that peers read from this rank. None on
+        every rank when some rank cannot (other host, no or a full /dev/shm): the caller then uses the
+        process group."""
         size, me = dist.get_world_size(group), dist.get_rank(group)
         stem = os.path.join(SHM_DIR, f"{PREFIX}{os.getpid()}_{secrets.token_hex(8)}")
-        fifos = {j: f"{stem}_from{j}" for j in range(size) if j != me and signals}
+        fifos = {j: f"{stem}_from{j}" for j in range(size) if j != me}
         mine: dict | None = {"region": stem, "nbytes": nbytes, "fifos": fifos}
         created: list[str] = []
         maps: list[mmap.mmap | None] = [None] * size
@@ -82,8 +82,7 @@ class SharedRegions:
             try:
                 if theirs["nbytes"]:
                     maps[j] = _map(theirs["region"], theirs["nbytes"], create=False)
-                if signals:
-                    outbox[j] = os.open(theirs["fifos"][me], os.O_RDWR)
+                outbox[j] = os.open(theirs["fifos"][me], os.O_RDWR)
             except OSError:
                 ready = False
         agreed = torch.tensor([int(ready), secrets.randbits(62)])

@@ -101,17 +101,17 @@ def gather_hf_weights(
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     local, dims = _exported(model, spec)
-    fused, regions = (False, None) if transport == "group" else _shared_memory(local, bucket_bytes)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    dest = dest if pp_rank == 0 and tp_rank == 0 else None
+    shared = transport == "auto" and local[0][1].device.type == "cpu"
+    fused, regions, arena = _shared_memory(local, dims, bucket_bytes, dest) if shared else (False, None, None)
     if not fused:
         for bucket in iter_hf_weights(model, spec, bucket_bytes):
             if tp_rank == 0 and pp_rank == 0:
                 yield bucket
         return
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    dest = dest if pp_rank == 0 and tp_rank == 0 else None
-    arena = _arena(local, dims, tp_group, dest) if regions is not None else None
     if arena is not None:
-        mine = _arena_stage(local, dims, bucket_bytes, tp_group, regions, arena)
+        mine = _arena_stage(local, dims, bucket_bytes, tp_group, arena)
     else:
         into = dest.writable_weights() if dest is not None else None
         mine = _fused_stage(local, dims, bucket_bytes, tp_group, regions, into)
@@ -317,25 +317,26 @@ def copy_blocks(plan: Plan, outs: list[torch.Tensor], rank: int, rows: torch.Ten
 
 
 def _shared_memory(
-    local: list[tuple[Binding, torch.Tensor]], bucket_bytes: int
-) -> tuple[bool, SharedRegions | None]:
-    """Whether the whole model-parallel group takes the fused path (CPU, and every TP group could map
-    its shared memory), and this TP group's regions (None at TP=1, where nothing travels)."""
+    local: list[tuple[Binding, torch.Tensor]], dims: Dims, bucket_bytes: int, dest: Destination | None
+) -> tuple[bool, SharedRegions | None, _Arena | None]:
+    """Whether the whole model-parallel group takes the shared-memory path (every TP group could set
+    up its shared memory), and this TP group's arena, when TP rank 0 has a destination to adopt one,
+    else its slots (neither at TP=1, where nothing travels). Collective over the TP group."""
     from megatron.core import parallel_state
 
-    if local[0][1].device.type != "cpu":
-        return False, None
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    regions = None
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    regions = arena = None
     if tp_size > 1:
-        rows = [_row_bytes(p) for b, p in local if b.rule.tp_dim is not None]
-        nbytes = _align(max(bucket_bytes // 2, *rows)) * 2
-        regions = regions_for(parallel_state.get_tensor_model_parallel_group(), nbytes)
-    ok = torch.tensor([int(tp_size == 1 or regions is not None)])
+        arena = _arena(local, dims, tp_group, dest)
+        if arena is None:
+            rows = [_row_bytes(p) for b, p in local if b.rule.tp_dim is not None]
+            regions = regions_for(tp_group, _align(max(bucket_bytes // 2, *rows)) * 2)
+    ok = torch.tensor([int(tp_size == 1 or arena is not None or regions is not None)])
     model_parallel = parallel_state.get_model_parallel_group()
     if dist.get_world_size(model_parallel) > tp_size:  # else the TP group has agreed already
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=model_parallel)
-    return bool(ok.item()), regions
+    return bool(ok.item()), regions, arena
 
 
 def _fused_stage(
@@ -480,7 +481,7 @@ def _arena(local, dims: Dims, group, dest: Destination | None) -> _Arena | None:
     dist.broadcast_object_list(box, src=key[0], group=group)
     layout = box[0]
     nbytes = max((o + shape.numel() * dtype.itemsize for o, dtype, shape in layout.values()), default=0)
-    regions = SharedRegions.open(group, nbytes if me == 0 else 0, signals=False)
+    regions = SharedRegions.open(group, nbytes if me == 0 else 0)
     if regions is None:
         return None
     arena = _Arena(regions, layout)
@@ -514,14 +515,13 @@ def _arena_stage(
     dims: Dims,
     bucket_bytes: int,
     group,
-    regions: SharedRegions,
     arena: _Arena,
 ) -> Iterator[Bucket]:
     """Every TP rank copies its shards' blocks straight into the arena (replicated tensors: rank 0
     only) and signals rank 0, which then yields the arena's tensors in buckets."""
     tp_size, tp_rank = dist.get_world_size(group), dist.get_rank(group)
-    regions.calls += 1
-    call = regions.calls << 32
+    arena.regions.calls += 1
+    call = arena.regions.calls << 32
     for binding, param in local:
         split = binding.rule.tp_dim is not None
         if split or tp_rank == 0:
@@ -530,10 +530,10 @@ def _arena_stage(
             outs = [arena.tensor(name) for name in binding.hf]
             copy_blocks(plan, outs, tp_rank if split else 0, shard, 0)
     if tp_rank != 0:
-        regions.signal(0, call)
+        arena.regions.signal(0, call)
         return
     for rank in range(1, tp_size):
-        _expect(regions, rank, call)  # every peer's shards are in place
+        _expect(arena.regions, rank, call)  # every peer's shards are in place
     bucket = _Bucketer(bucket_bytes)
     for binding, _ in local:
         for name in binding.hf:
