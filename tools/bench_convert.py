@@ -8,6 +8,10 @@ counted once), beside the largest single tensor. Then it checks, one tensor at a
 exported weights equal the synthetic ones bit for bit. This process stays small (torch is only
 imported in the helper subprocesses), because a child's peak RSS starts at its parent's at fork.
 
+Last, both commands run again on a tiny model of the same family (2 layers, hidden size 64): their
+wall time there is the fixed cost of a command (interpreter, torch / transformers / Megatron imports,
+setup, exit), printed as a breakdown of the wall times above, which stay the figures that count.
+
     .venv/bin/python tools/bench_convert.py llama3-8b --workdir /tmp/bench_convert
 """
 
@@ -69,6 +73,15 @@ SHAPES = {
         ),
     ),
 }
+# Same family, vocabulary and tying as the shape, but tens of MB: what a command costs whatever the size.
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 GB = 1e9
 
 
@@ -80,14 +93,15 @@ class Run:
     tree_pss: int  # bytes, sampled peak of the sum over the tree
 
 
-def write_synthetic(shape: str, out: Path, shard_bytes: int) -> None:
-    """Random bf16 HF checkpoint of `shape` (names and shapes from transformers on the meta device)."""
+def write_synthetic(shape: str, out: Path, shard_bytes: int, tiny: bool = False) -> None:
+    """Random bf16 HF checkpoint of `shape`, or of its `TINY` variant (names and shapes from
+    transformers on the meta device)."""
     import torch
     import transformers
 
     from scope_mega.weights.files import SafetensorsShardWriter, TensorPlan
 
-    params = dict(SHAPES[shape])
+    params = dict(SHAPES[shape], **(TINY if tiny else {}))
     config = transformers.AutoConfig.for_model(params.pop("model_type"), **params)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -167,7 +181,7 @@ def helper(*args: str) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["_synthetic"]:
-        return write_synthetic(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
+        return write_synthetic(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5:] == ["tiny"])
     if sys.argv[1:2] == ["_verify"]:
         return verify(Path(sys.argv[2]), Path(sys.argv[3]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -180,7 +194,7 @@ def main() -> None:
     work = Path(args.workdir)
     if work.exists():
         raise SystemExit(f"{work} exists; choose another --workdir")
-    hf, meg, back = str(work / "hf"), str(work / "megatron"), str(work / "back")
+    hf, back = str(work / "hf"), str(work / "back")
     convert = [sys.executable, "-m", "checkpoints_convert"]
     try:
         start = time.perf_counter()
@@ -194,11 +208,19 @@ def main() -> None:
         runs = [measure("plain copy (cp -r)", ["cp", "-r", hf, str(work / "copy")])]
         shutil.rmtree(work / "copy")
         par = ["--tp", str(args.tp), "--pp", str(args.pp)]
-        imp = [*convert, "hf-to-megatron", "--hf-dir", hf, "--out", meg, *par]
-        runs.append(measure(f"hf-to-megatron tp={args.tp} pp={args.pp}", imp))
-        exp = [*convert, "megatron-to-hf", "--megatron-dir", meg, "--out", back]
-        runs.append(measure("megatron-to-hf", [*exp, "--max-shard-size", f"{args.shard_gb}GB"]))
+        shard = ["--max-shard-size", f"{args.shard_gb}GB"]
+
+        def commands(folder: Path) -> list[list[str]]:
+            src, meg, out = (str(folder / sub) for sub in ("hf", "megatron", "back"))
+            imp = [*convert, "hf-to-megatron", "--hf-dir", src, "--out", meg, *par]
+            return [imp, [*convert, "megatron-to-hf", "--megatron-dir", meg, "--out", out, *shard]]
+
+        names = [f"hf-to-megatron tp={args.tp} pp={args.pp}", "megatron-to-hf"]
+        runs += [measure(name, cmd) for name, cmd in zip(names, commands(work))]
         helper("_verify", hf, back)
+        tiny = work / "tiny"
+        helper("_synthetic", args.shape, str(tiny / "hf"), str(int(args.shard_gb * GB)), "tiny")
+        fixed = [measure(f"{name} (tiny)", cmd).wall_s for name, cmd in zip(names, commands(tiny))]
         copy = runs[0].wall_s
         print(
             f"\n{'step':<28}{'wall s':>8}{'x copy':>8}{'GB/s':>7}{'peak RSS 1 proc':>17}{'peak PSS all':>14}"
@@ -209,6 +231,11 @@ def main() -> None:
                 f"{r.max_rss / GB:>14.2f} GB{r.tree_pss / GB:>11.2f} GB"
             )
         print(f"model {total / GB:.2f} GB; largest single tensor {largest / GB:.2f} GB")
+        tiny_gb = json.loads((tiny / "sizes.json").read_text())["total"] / GB
+        print(f"\nbreakdown: fixed cost = the same command on a tiny {args.shape} ({tiny_gb:.2f} GB)")
+        for r, f in zip(runs[1:], fixed):
+            rest = r.wall_s - f
+            print(f"{r.name:<28}{f:>6.1f} s fixed + {rest:5.1f} s for the model ({rest / copy:.1f} x copy)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
