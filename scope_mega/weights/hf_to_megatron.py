@@ -1,10 +1,10 @@
 """HF safetensors -> Megatron `torch_dist` checkpoint, in one process or one per TP x PP shard.
 
 Each rank builds its own stage of the model on the meta device (shapes and sharding, no weights), and
-all ranks save together with `dist_checkpointing.save(model.sharded_state_dict())`, each chunk computed
-from the HF tensors it is made of (read one at a time, fused by `mapping`) just as it is written. So a
-rank holds about one tensor at a time, whatever the model size, and the result is an ordinary
-`torch_dist` checkpoint the trainer loads at any TP/PP. Output layout (the trainer's checkpoints use
+all ranks save together with `dist_checkpointing.save(model.sharded_state_dict())`, each chunk read
+from the HF files it is made of (row blocks placed by `mapping.megatron_layout`) just as it is written.
+So a rank holds about one chunk at a time (two: the writer runs two threads), whatever the model size,
+and the result is an ordinary `torch_dist` checkpoint the trainer loads at any TP/PP. Output layout (the trainer's checkpoints use
 the same `model/`):
 
     <out>/model/   torch_dist checkpoint of the unwrapped GPTModel's sharded_state_dict() (no prefix)
