@@ -4,8 +4,8 @@ Each rank builds its own stage of the model on the meta device (shapes and shard
 all ranks save together with `dist_checkpointing.save(model.sharded_state_dict())`, each chunk read
 from the HF files it is made of (row blocks placed by `mapping.megatron_layout`) just as it is written.
 So a rank holds about one chunk at a time (two: the writer runs two threads), whatever the model size,
-and the result is an ordinary `torch_dist` checkpoint the trainer loads at any TP/PP. Output layout (the trainer's checkpoints use
-the same `model/`):
+and the result is an ordinary `torch_dist` checkpoint the trainer loads at any TP/PP. Output layout
+(the trainer's checkpoints use the same `model/`):
 
     <out>/model/   torch_dist checkpoint of the unwrapped GPTModel's sharded_state_dict() (no prefix)
     <out>/hf/      the HF config, generation config, tokenizer files: what export needs to go back
