@@ -3,8 +3,12 @@ files (config, tokenizer, generation config), and output directories that appear
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import io
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -25,6 +29,23 @@ SINGLE_NAME = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _SAFETENSORS_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def empty_chunk(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor that owns exactly its storage, in fresh memory the kernel may back with
+    transparent huge pages (`madvise` mode, Linux's default). A conversion fills each chunk once and
+    drops it, so every byte is fresh memory: with 4 KiB pages the page faults cost about three times
+    the read itself (tools/bench_convert.py's machine: 1.5 s against 0.4-0.5 s for 1.95 GB), with
+    2 MiB pages 512 times fewer. The memory returns to the system when the tensor is freed."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=dtype).view(shape)
 
 
 @dataclass(frozen=True)
@@ -136,6 +157,103 @@ def _dtype(code: str, path: Path) -> torch.dtype:
     return SAFETENSORS_DTYPES[code]
 
 
+DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, sizes and buffers aligned to the logical block size
+
+
+class DirectFile(io.RawIOBase):
+    """A new file written with O_DIRECT, straight from an aligned staging buffer to the device.
+
+    A conversion writes each byte once and never reads it back, so the page cache only costs: a copy
+    into it, then throttling once its dirty pages pass the kernel's limit, and memory that a large
+    model's output would fill. Measured on tools/bench_convert.py's machine, writing 2.1 GB: 1.3-1.6
+    GB/s with O_DIRECT against 0.33-0.55 GB/s through the page cache (`dd bs=64M count=32`, with and
+    without `oflag=direct`). Bytes are staged and written in whole aligned blocks; `close` pads the
+    last block, truncates the file to its true size and syncs it. Where the file system refuses
+    O_DIRECT writes, the same bytes go through the page cache instead.
+    """
+
+    def __init__(self, fd: int, path: str | Path, buffer_bytes: int = 16 << 20):
+        super().__init__()
+        self.fd, self.name = fd, str(path)
+        self.staging = mmap.mmap(-1, buffer_bytes)  # page-aligned, as O_DIRECT needs
+        self.view = memoryview(self.staging)
+        self.staged = 0  # bytes in the staging buffer
+        self.written = 0  # bytes in the file, a multiple of DIRECT_ALIGN until close
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def tell(self) -> int:
+        return self.written + self.staged
+
+    def flush(self) -> None:
+        """Nothing: only whole blocks can be written before `close`."""
+
+    def write(self, data) -> int:
+        src = memoryview(data).cast("B")
+        done = 0
+        while done < len(src):
+            n = min(len(src) - done, len(self.view) - self.staged)
+            self.view[self.staged : self.staged + n] = src[done : done + n]
+            self.staged, done = self.staged + n, done + n
+            if self.staged == len(self.view):
+                self._write_staged(self.staged)
+        return done
+
+    def _write_staged(self, nbytes: int) -> None:
+        """Write the first `nbytes` (a multiple of DIRECT_ALIGN) of the staging buffer."""
+        view = self.view[:nbytes]
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except OSError as e:
+                flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+                if e.errno != errno.EINVAL or not flags & os.O_DIRECT:
+                    raise
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)  # the file system refuses it
+        view.release()
+        self.written += nbytes
+        self.staged = 0
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            size = self.tell()
+            if self.staged:
+                padded = -(-self.staged // DIRECT_ALIGN) * DIRECT_ALIGN
+                self.view[self.staged : padded] = bytes(padded - self.staged)
+                self._write_staged(padded)
+                os.ftruncate(self.fd, size)
+            os.fsync(self.fd)
+        finally:
+            self.view.release()
+            self.staging.close()
+            os.close(self.fd)
+            super().close()
+
+
+def create_for_writing(path: str | Path) -> BinaryIO:
+    """A new (or truncated) file at `path` for a conversion's output: a `DirectFile` where the file
+    system takes O_DIRECT, else an ordinary buffered file (tmpfs, for one, refuses it)."""
+    if hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        else:
+            try:
+                return DirectFile(fd, path)
+            except BaseException:
+                os.close(fd)
+                raise
+    return open(path, "wb")  # noqa: SIM115 (the caller closes it)
+
+
 @dataclass(frozen=True)
 class TensorPlan:
     name: str
@@ -196,7 +314,7 @@ class SafetensorsShardWriter:
             offset = end
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        self.handle = open(self.files[shard], "wb")  # noqa: SIM115 (closed after the shard's last tensor)
+        self.handle = create_for_writing(self.files[shard])  # closed after the shard's last tensor
         self.handle.write(struct.pack("<Q", len(raw)) + raw)
         self.shard = shard
 

@@ -15,6 +15,7 @@ Everything is written under `<out>.tmp-XXXXXXXX` and renamed to `<out>` only whe
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -140,7 +141,7 @@ class ChunkSource:
         rows = [self.checkpoint.stored(n).shape[0] for n in b.hf]
         layout = megatron_layout(b.rule, rows, self.dims, shape[0])
         start, stop = offsets[0], offsets[0] + sizes[0]
-        out = torch.empty((sizes[0], *shape[1:]), dtype=dtype)
+        out = files.empty_chunk((sizes[0], *shape[1:]), dtype)
         read = self.checkpoint.read_rows
         for blk in layout.blocks:
             lo, hi = max(start, blk.dst), min(stop, blk.dst + blk.rows)
@@ -151,9 +152,11 @@ class ChunkSource:
             if lo < hi:
                 out[lo - start : hi - start] = 0
         if tuple(out.shape) != sizes:  # TP splits a later dimension: keep only this chunk's columns
+            part = out
             for dim, (offset, size) in enumerate(zip(offsets[1:], sizes[1:]), start=1):
-                out = out.narrow(dim, offset, size)
-            out = out.clone()
+                part = part.narrow(dim, offset, size)
+            out = files.empty_chunk(tuple(part.shape), dtype)
+            out.copy_(part)
         return out.view(full_sizes)
 
 
@@ -167,7 +170,8 @@ def save_streaming(model: torch.nn.Module, source: ChunkSource, model_dir: Path)
     `FileSystemWriter`, which asks the planner for one chunk at a time. Each chunk gets a file of its
     own: the writer keeps the last chunk of every key it wrote to a file until that file is closed
     (embedding and output layer of the whole model, in one file per rank). The zip records' CRC32 is
-    not computed: `torch.load` never checks it, and it costs as much time as writing the bytes.
+    not computed: `torch.load` never checks it, and it costs as much time as writing the bytes. Files
+    are written with O_DIRECT where the file system takes it (`files.DirectFile`).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import (
@@ -178,6 +182,7 @@ def save_streaming(model: torch.nn.Module, source: ChunkSource, model_dir: Path)
     )
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.filesystem import FileSystem
     from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
     from torch.utils.serialization import config as serialization_config
 
@@ -191,6 +196,16 @@ def save_streaming(model: torch.nn.Module, source: ChunkSource, model_dir: Path)
             args = (tuple(chunk.offsets), tuple(chunk.sizes), tuple(data.size), data.properties.dtype)
             return source.chunk(item.index.fqn, *args)
 
+    class DirectFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            if mode != "wb":
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with files.create_for_writing(path) as stream:
+                yield stream
+
     class StreamingSave(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
             state, _, _ = _replace_state_dict_keys_with_sharded_keys(
@@ -198,6 +213,7 @@ def save_streaming(model: torch.nn.Module, source: ChunkSource, model_dir: Path)
             )
             planner = ChunkPlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
             writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=2)
+            writer.fs = DirectFileSystem()
             with serialization_config.patch({"save.compute_crc32": False}):
                 dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer, planner=planner)
 

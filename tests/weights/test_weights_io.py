@@ -2,6 +2,9 @@
 reads chunk bytes straight out of a `torch_dist` checkpoint's files. Both checked against plain
 in-memory references (`to_megatron`, `torch.load`)."""
 
+import errno
+import fcntl
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,13 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 
 from scope_mega.models import arch
-from scope_mega.weights.files import HFCheckpoint
+from scope_mega.weights.files import (
+    HUGE_PAGE_BYTES,
+    DirectFile,
+    HFCheckpoint,
+    create_for_writing,
+    empty_chunk,
+)
 from scope_mega.weights.hf_to_megatron import ChunkSource
 from scope_mega.weights.mapping import ConversionError, Dims, bindings, to_megatron
 from scope_mega.weights.megatron_ckpt import MegatronCheckpoint
@@ -111,3 +120,56 @@ def test_export_refuses_a_chunk_stored_with_other_strides(tmp_path: Path):
     _save_dcp(tmp_path, {"output_layer.weight": torch.randn(7, 5).t()})
     with pytest.raises(ConversionError, match="is stored as"):
         MegatronCheckpoint(tmp_path).read(["output_layer.weight"])
+
+
+def test_empty_chunk_above_the_huge_page_size_is_an_ordinary_tensor(tmp_path: Path):
+    """A chunk in huge-page memory (3 MiB, above the 2 MiB threshold) owns exactly its storage (the DCP
+    writer would copy a view), is writable, and saves and loads like any tensor."""
+    t = empty_chunk((1024, 1536), torch.bfloat16)
+    assert t.nbytes > HUGE_PAGE_BYTES and t.untyped_storage().nbytes() == t.nbytes
+    t.copy_(torch.arange(t.numel(), dtype=torch.float32).view(t.shape))
+    torch.save(t, tmp_path / "chunk.pt")
+    loaded = torch.load(tmp_path / "chunk.pt", weights_only=True)
+    assert torch.equal(loaded, torch.arange(t.numel(), dtype=torch.float32).view(t.shape).to(torch.bfloat16))
+
+
+def _pieces() -> list[bytes]:
+    """Writes of awkward sizes: empty, one byte, unaligned, and larger than the staging buffer."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = [0, 1, 4095, 4097, 3 * 8192 + 5, 1000, 70_000]
+    return [bytes(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen).tolist()) for n in sizes]
+
+
+def test_direct_file_writes_exactly_the_bytes_given(tmp_path: Path):
+    """Through a staging buffer smaller than some writes (several O_DIRECT blocks per write), the file
+    holds exactly the bytes written, `tell` counts them as they come, and the padding of the last
+    block is cut off."""
+    path = tmp_path / "out.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0))
+    written = b""
+    with DirectFile(fd, path, buffer_bytes=8192) as f:
+        for piece in _pieces():
+            assert f.write(memoryview(piece)) == len(piece)
+            written += piece
+            assert f.tell() == len(written)
+    assert path.read_bytes() == written
+
+
+def test_direct_file_falls_back_to_the_page_cache_where_o_direct_writes_are_refused(tmp_path, monkeypatch):
+    """A file system that opens with O_DIRECT but refuses the writes (EINVAL) gets the same bytes
+    through the page cache."""
+    real_write, refused = os.write, []
+
+    def write(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    path = tmp_path / "out.bin"
+    with create_for_writing(path) as f:
+        for piece in _pieces():
+            f.write(piece)
+    assert path.read_bytes() == b"".join(_pieces())
+    assert refused or not hasattr(os, "O_DIRECT")
