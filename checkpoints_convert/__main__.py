@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from scope_mega.convert import add_direction_parsers, run_convert
+from scope_mega.convert import add_direction_parsers, exit_without_teardown, run_convert
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,4 +14,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

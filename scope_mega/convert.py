@@ -11,6 +11,7 @@ import argparse
 import os
 import re
 import sys
+from typing import NoReturn
 
 from scope_mega.config import ConfigError
 
@@ -100,3 +101,13 @@ def run_convert(args) -> int:
     if int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) == 0:
         print(f"wrote {args.out}")
     return 0
+
+
+def exit_without_teardown(status: int) -> NoReturn:
+    """End a conversion process with `status`, skipping the interpreter's teardown of the torch,
+    transformers and Megatron modules it imported (about 1.5 s, a tenth of a 1B model's import).
+    Safe only once everything is written: a conversion's files are synced and renamed into place
+    before it returns, so only the standard streams are left to flush."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
