@@ -1,16 +1,21 @@
 """Benchmark HF <-> Megatron conversion on a synthetic checkpoint of a real shape, next to a plain copy.
 
 Writes random bf16 weights of a named shape one tensor at a time (never the whole model in memory),
-then runs, each as its own subprocess: `cp -r` of the HF folder (the physical reference),
-`hf-to-megatron`, `megatron-to-hf`. For each it prints wall time, the peak RSS of the largest process
-of the subprocess tree (`wait4` rusage) and the sampled peak of the tree's summed PSS (shared pages
-counted once), beside the largest single tensor. Then it checks, one tensor at a time, that the
-exported weights equal the synthetic ones bit for bit. This process stays small (torch is only
-imported in the helper subprocesses), because a child's peak RSS starts at its parent's at fork.
+then runs, each as its own subprocess, `--repeats` interleaved rounds of: `cp -r` of the HF folder
+(the physical reference), `hf-to-megatron`, `megatron-to-hf`. Each step reads its input from disk,
+as on a cluster: the input is synced and dropped from the page cache first (else the copy and import
+would read the synthetic files from memory, and export the files import wrote with O_DIRECT from
+disk). For each it prints the median wall time (a copy of the same files took from 0.8 to 8.7 s in
+different runs on a shared VM), the peak RSS of the largest process of the subprocess tree (`wait4`
+rusage) and the sampled peak of the tree's summed PSS (shared pages counted once), beside the
+largest single tensor. After the first round it checks, one tensor at a time, that the exported
+weights equal the synthetic ones bit for bit. This process stays small (torch is only imported in
+the helper subprocesses), because a child's peak RSS starts at its parent's at fork.
 
 Last, both commands run again on a tiny model of the same family (2 layers, hidden size 64): their
 wall time there is the fixed cost of a command (interpreter, torch / transformers / Megatron imports,
-setup, exit), printed as a breakdown of the wall times above, which stay the figures that count.
+setup, exit), printed as a breakdown of the wall times above, which stay the figures that count,
+next to the floor under any command: starting Python and importing torch.
 
     .venv/bin/python tools/bench_convert.py llama3-8b --workdir /tmp/bench_convert
 """
@@ -21,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -174,6 +180,23 @@ def verify(original: Path, exported: Path) -> None:
     print(f"{len(weight_map)} tensors bitwise identical after HF -> Megatron -> HF")
 
 
+def evict(folder: Path) -> None:
+    """Sync the files under `folder` and drop them from the page cache, so that the next step reads
+    them from disk."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def median(runs: list[Run]) -> float:
+    return statistics.median(r.wall_s for r in runs)
+
+
 def helper(*args: str) -> None:
     """Run a helper of this script in a subprocess (keeps torch and its memory out of this process)."""
     subprocess.run([sys.executable, __file__, *args], check=True)
@@ -190,11 +213,12 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--shard-gb", type=float, default=2.0, help="shard size of input and output")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of copy, import, export")
     args = parser.parse_args()
     work = Path(args.workdir)
     if work.exists():
         raise SystemExit(f"{work} exists; choose another --workdir")
-    hf, back = str(work / "hf"), str(work / "back")
+    hf = str(work / "hf")
     convert = [sys.executable, "-m", "checkpoints_convert"]
     try:
         start = time.perf_counter()
@@ -205,8 +229,6 @@ def main() -> None:
             f"{args.shape}: {total / GB:.2f} GB bf16 written in {time.perf_counter() - start:.0f} s",
             flush=True,
         )
-        runs = [measure("plain copy (cp -r)", ["cp", "-r", hf, str(work / "copy")])]
-        shutil.rmtree(work / "copy")
         par = ["--tp", str(args.tp), "--pp", str(args.pp)]
         shard = ["--max-shard-size", f"{args.shard_gb}GB"]
 
@@ -215,27 +237,52 @@ def main() -> None:
             imp = [*convert, "hf-to-megatron", "--hf-dir", src, "--out", meg, *par]
             return [imp, [*convert, "megatron-to-hf", "--megatron-dir", meg, "--out", out, *shard]]
 
-        names = [f"hf-to-megatron tp={args.tp} pp={args.pp}", "megatron-to-hf"]
-        runs += [measure(name, cmd) for name, cmd in zip(names, commands(work))]
-        helper("_verify", hf, back)
+        def rounds(folder: Path, names: list[str], verify_first: bool = False) -> list[list[Run]]:
+            """`--repeats` rounds of copy, import, export (interleaved, so that a slow spell of the
+            machine hits all three); the outputs are deleted after each round."""
+            steps = [["cp", "-r", str(folder / "hf"), str(folder / "copy")], *commands(folder)]
+            inputs = [folder / "hf", folder / "hf", folder / "megatron"]
+            out: list[list[Run]] = [[] for _ in names]
+            for i in range(args.repeats):
+                for runs, name, cmd, source in zip(out, names, steps, inputs):
+                    evict(source)
+                    runs.append(measure(name, cmd))
+                if verify_first and i == 0:
+                    helper("_verify", str(folder / "hf"), str(folder / "back"))
+                for sub in ("copy", "megatron", "back"):
+                    shutil.rmtree(folder / sub)
+            return out
+
+        names = ["plain copy (cp -r)", f"hf-to-megatron tp={args.tp} pp={args.pp}", "megatron-to-hf"]
+        steps = rounds(work, names, verify_first=True)
         tiny = work / "tiny"
         helper("_synthetic", args.shape, str(tiny / "hf"), str(int(args.shard_gb * GB)), "tiny")
-        fixed = [measure(f"{name} (tiny)", cmd).wall_s for name, cmd in zip(names, commands(tiny))]
-        copy = runs[0].wall_s
+        fixed = [median(runs) for runs in rounds(tiny, names)[1:]]
+        floor = median([measure("import torch", [sys.executable, "-c", "import torch"]) for _ in range(3)])
+        copy = median(steps[0])
+        print(f"\nwall: median of {args.repeats} (min-max); peak memory: the largest over them")
         print(
-            f"\n{'step':<28}{'wall s':>8}{'x copy':>8}{'GB/s':>7}{'peak RSS 1 proc':>17}{'peak PSS all':>14}"
+            f"{'step':<28}{'wall s':>8}{'(min-max)':>12}{'x copy':>8}{'GB/s':>7}"
+            f"{'peak RSS 1 proc':>17}{'peak PSS all':>14}"
         )
-        for r in runs:
+        for runs in steps:
+            wall = median(runs)
+            spread = f"({min(r.wall_s for r in runs):.1f}-{max(r.wall_s for r in runs):.1f})"
             print(
-                f"{r.name:<28}{r.wall_s:>8.1f}{r.wall_s / copy:>8.1f}{total / GB / r.wall_s:>7.2f}"
-                f"{r.max_rss / GB:>14.2f} GB{r.tree_pss / GB:>11.2f} GB"
+                f"{runs[0].name:<28}{wall:>8.1f}{spread:>12}{wall / copy:>8.1f}{total / GB / wall:>7.2f}"
+                f"{max(r.max_rss for r in runs) / GB:>14.2f} GB{max(r.tree_pss for r in runs) / GB:>11.2f} GB"
             )
         print(f"model {total / GB:.2f} GB; largest single tensor {largest / GB:.2f} GB")
         tiny_gb = json.loads((tiny / "sizes.json").read_text())["total"] / GB
         print(f"\nbreakdown: fixed cost = the same command on a tiny {args.shape} ({tiny_gb:.2f} GB)")
-        for r, f in zip(runs[1:], fixed):
-            rest = r.wall_s - f
-            print(f"{r.name:<28}{f:>6.1f} s fixed + {rest:5.1f} s for the model ({rest / copy:.1f} x copy)")
+        for runs, f in zip(steps[1:], fixed):
+            rest = median(runs) - f
+            model = f"{rest:5.1f} s for the model ({rest / copy:.1f} x copy)"
+            print(f"{runs[0].name:<28}{f:>6.1f} s fixed + {model}")
+        print(
+            f"floor: starting Python and importing torch (which any torch_dist writer or reader needs) "
+            f"takes {floor:.1f} s, {floor / copy:.1f} x copy"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
