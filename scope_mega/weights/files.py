@@ -157,7 +157,8 @@ def _dtype(code: str, path: Path) -> torch.dtype:
     return SAFETENSORS_DTYPES[code]
 
 
-DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, sizes and buffers aligned to the logical block size
+# O_DIRECT wants offsets, sizes and buffers aligned to the logical block size (Lustre: to the page size)
+DIRECT_ALIGN = max(4096, mmap.PAGESIZE)
 
 
 class DirectFile(io.RawIOBase):
@@ -174,6 +175,8 @@ class DirectFile(io.RawIOBase):
 
     def __init__(self, fd: int, path: str | Path, buffer_bytes: int = 16 << 20):
         super().__init__()
+        if buffer_bytes % DIRECT_ALIGN:
+            raise ValueError(f"buffer_bytes={buffer_bytes} is not a multiple of {DIRECT_ALIGN}")
         self.fd, self.name = fd, str(path)
         self.staging = mmap.mmap(-1, buffer_bytes)  # page-aligned, as O_DIRECT needs
         self.view = memoryview(self.staging)

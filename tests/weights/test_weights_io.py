@@ -16,6 +16,7 @@ from torch.distributed.checkpoint import save as dcp_save
 
 from scope_mega.models import arch
 from scope_mega.weights.files import (
+    DIRECT_ALIGN,
     HUGE_PAGE_BYTES,
     DirectFile,
     HFCheckpoint,
@@ -136,7 +137,7 @@ def test_empty_chunk_above_the_huge_page_size_is_an_ordinary_tensor(tmp_path: Pa
 def _pieces() -> list[bytes]:
     """Writes of awkward sizes: empty, one byte, unaligned, and larger than the staging buffer."""
     gen = torch.Generator().manual_seed(0)
-    sizes = [0, 1, 4095, 4097, 3 * 8192 + 5, 1000, 70_000]
+    sizes = [0, 1, DIRECT_ALIGN - 1, DIRECT_ALIGN + 1, 3 * DIRECT_ALIGN + 5, 1000, 17 * DIRECT_ALIGN + 3]
     return [bytes(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen).tolist()) for n in sizes]
 
 
@@ -147,7 +148,7 @@ def test_direct_file_writes_exactly_the_bytes_given(tmp_path: Path):
     path = tmp_path / "out.bin"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0))
     written = b""
-    with DirectFile(fd, path, buffer_bytes=8192) as f:
+    with DirectFile(fd, path, buffer_bytes=2 * DIRECT_ALIGN) as f:
         for piece in _pieces():
             assert f.write(memoryview(piece)) == len(piece)
             written += piece
