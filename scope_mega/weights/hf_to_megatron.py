@@ -141,7 +141,7 @@ class ChunkSource:
         rows = [self.checkpoint.stored(n).shape[0] for n in b.hf]
         layout = megatron_layout(b.rule, rows, self.dims, shape[0])
         start, stop = offsets[0], offsets[0] + sizes[0]
-        out = files.empty_chunk((sizes[0], *shape[1:]), dtype)
+        out = torch.empty((sizes[0], *shape[1:]), dtype=dtype)
         read = self.checkpoint.read_rows
         for blk in layout.blocks:
             lo, hi = max(start, blk.dst), min(stop, blk.dst + blk.rows)
@@ -152,11 +152,9 @@ class ChunkSource:
             if lo < hi:
                 out[lo - start : hi - start] = 0
         if tuple(out.shape) != sizes:  # TP splits a later dimension: keep only this chunk's columns
-            part = out
             for dim, (offset, size) in enumerate(zip(offsets[1:], sizes[1:]), start=1):
-                part = part.narrow(dim, offset, size)
-            out = files.empty_chunk(tuple(part.shape), dtype)
-            out.copy_(part)
+                out = out.narrow(dim, offset, size)
+            out = out.clone()
         return out.view(full_sizes)
 
 

@@ -17,11 +17,9 @@ from torch.distributed.checkpoint import save as dcp_save
 from scope_mega.models import arch
 from scope_mega.weights.files import (
     DIRECT_ALIGN,
-    HUGE_PAGE_BYTES,
     DirectFile,
     HFCheckpoint,
     create_for_writing,
-    empty_chunk,
 )
 from scope_mega.weights.hf_to_megatron import ChunkSource
 from scope_mega.weights.mapping import ConversionError, Dims, bindings, to_megatron
@@ -121,17 +119,6 @@ def test_export_refuses_a_chunk_stored_with_other_strides(tmp_path: Path):
     _save_dcp(tmp_path, {"output_layer.weight": torch.randn(7, 5).t()})
     with pytest.raises(ConversionError, match="is stored as"):
         MegatronCheckpoint(tmp_path).read(["output_layer.weight"])
-
-
-def test_empty_chunk_above_the_huge_page_size_is_an_ordinary_tensor(tmp_path: Path):
-    """A chunk in huge-page memory (3 MiB, above the 2 MiB threshold) owns exactly its storage (the DCP
-    writer would copy a view), is writable, and saves and loads like any tensor."""
-    t = empty_chunk((1024, 1536), torch.bfloat16)
-    assert t.nbytes > HUGE_PAGE_BYTES and t.untyped_storage().nbytes() == t.nbytes
-    t.copy_(torch.arange(t.numel(), dtype=torch.float32).view(t.shape))
-    torch.save(t, tmp_path / "chunk.pt")
-    loaded = torch.load(tmp_path / "chunk.pt", weights_only=True)
-    assert torch.equal(loaded, torch.arange(t.numel(), dtype=torch.float32).view(t.shape).to(torch.bfloat16))
 
 
 def _pieces() -> list[bytes]:
