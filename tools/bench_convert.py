@@ -262,14 +262,14 @@ def main() -> None:
         copy = median(steps[0])
         print(f"\nwall: median of {args.repeats} (min-max); peak memory: the largest over them")
         print(
-            f"{'step':<28}{'wall s':>8}{'(min-max)':>12}{'x copy':>8}{'GB/s':>7}"
+            f"{'step':<28}{'wall s':>8}{'(min-max)':>14}{'x copy':>8}{'GB/s':>7}"
             f"{'peak RSS 1 proc':>17}{'peak PSS all':>14}"
         )
         for runs in steps:
             wall = median(runs)
             spread = f"({min(r.wall_s for r in runs):.1f}-{max(r.wall_s for r in runs):.1f})"
             print(
-                f"{runs[0].name:<28}{wall:>8.1f}{spread:>12}{wall / copy:>8.1f}{total / GB / wall:>7.2f}"
+                f"{runs[0].name:<28}{wall:>8.1f}{spread:>14}{wall / copy:>8.1f}{total / GB / wall:>7.2f}"
                 f"{max(r.max_rss for r in runs) / GB:>14.2f} GB{max(r.tree_pss for r in runs) / GB:>11.2f} GB"
             )
         print(f"model {total / GB:.2f} GB; largest single tensor {largest / GB:.2f} GB")
