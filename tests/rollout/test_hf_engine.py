@@ -6,16 +6,13 @@ import re
 import pytest
 import torch
 import transformers
+from _tiny_config import TINY as TINY_SHAPE
 
 from scope_mega.rollout import SamplingParams, WeightSyncError, continue_from, make_engine
 from scope_mega.rollout.hf_engine import HFEngine
 
 TINY = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    TINY_SHAPE,
     vocab_size=96,
     max_position_embeddings=128,
     initializer_range=0.3,  # peaked distributions: greedy choices are never near-ties

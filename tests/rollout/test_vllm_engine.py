@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
+from _tiny_config import TINY
 
 from scope_mega.rollout import SamplingParams, WeightSyncError, make_engine
 from scope_mega.rollout.vllm_engine import (
@@ -17,15 +18,6 @@ from scope_mega.rollout.vllm_engine import (
 )
 from scope_mega.rollout.weight_sync import CheckedStream, buckets, hf_parameter_shapes
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=100,
-    max_position_embeddings=64,
-)
 CONFIGS = {
     "llama-untied": dict(model_type="llama", tie_word_embeddings=False, **TINY),
     "qwen2-tied": dict(model_type="qwen2", tie_word_embeddings=True, **TINY),

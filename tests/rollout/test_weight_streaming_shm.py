@@ -11,20 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_config import TINY
 
 from scope_mega.runtime.spawn import spawn_local
 
 pytestmark = [pytest.mark.distributed]
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=100,
-    max_position_embeddings=64,
-)
 CONFIGS = [
     dict(model_type="qwen2", tie_word_embeddings=True, **TINY),
     dict(model_type="llama", tie_word_embeddings=False, **TINY),

@@ -6,21 +6,13 @@ import re
 
 import pytest
 import torch
+from _tiny_config import TINY as TINY_SHAPE
 
 from scope_mega.runtime.spawn import spawn_local
 
 pytestmark = [pytest.mark.distributed]
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=100,  # padded to 128 in Megatron: the stream must trim it back
-    max_position_embeddings=64,
-    eos_token_id=2,
-)
+TINY = dict(TINY_SHAPE, eos_token_id=2)  # vocab 100: padded to 128 in Megatron, trimmed back
 CONFIGS = [
     dict(model_type="qwen2", tie_word_embeddings=True, **TINY),  # QKV bias, GQA, tied output layer
     dict(model_type="llama", tie_word_embeddings=False, **TINY),
