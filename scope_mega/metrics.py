@@ -1,4 +1,4 @@
-"""Rollout metrics (DESIGN.md section 4): accuracy, pass@k, diversity, and SCOPE's salvage statistics.
+"""Rollout metrics (docs/design.md section 4): accuracy, pass@k, diversity, and SCOPE's salvage statistics.
 
 Accuracy, pass@k and diversity describe the policy's own samples: compute them on the rollout groups
 before rectification. Entropy, clip fraction, KL and rollout mismatch come from `rl.loss` metrics.

@@ -5,7 +5,7 @@ engine, engine guide, model PRM, Megatron policy and PRM) runs on a CPU in tests
 
 DIR (written in a temp dir beside it, then renamed; an existing DIR is refused unless --force):
 
-    tokenizer/         byte-level BPE (Qwen2's pre-tokenizer, ~512 tokens) trained on the shared math
+    tokenizer/         byte-level BPE (Qwen2's pre-tokenizer, ~512 tokens) trained on the math
                        benchmarks' questions and solutions; specials <|endoftext|> (pad), <|im_start|>,
                        <|im_end|> (eos), <extra_0> (PRM step separator); ChatML chat template
     policy/            random tiny Qwen2ForCausalLM (fp32 safetensors, config, generation_config, tokenizer)
@@ -17,7 +17,7 @@ DIR (written in a temp dir beside it, then renamed; an existing DIR is refused u
     train.jsonl        the first 64 rows of gsm8k.jsonl, as they are
     eval.jsonl         the first 8 rows of amc23.jsonl, as they are
 
-The benchmarks are read from ../shared/data beside the checkout (SCOPE_MEGA_SHARED_DATA overrides).
+The benchmarks are read from the repository's data/benchmarks (see data/README.md).
 The models are untrained: the kit exercises the pipeline, it does not learn math.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ from scope_mega.weights.files import atomic_output_dir
 from scope_mega.weights.mapping import ConversionError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SCOPE_MEGA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+BENCHMARKS = REPO_ROOT / "data" / "benchmarks"
 VOCAB_SIZE = 512
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"]
 # Qwen2's pre-tokenizer split (tokenizer.json): every digit its own piece, words with one leading char.
@@ -194,20 +193,17 @@ def copy_rows(src: Path, dst: Path, rows: int) -> None:
 def build_kit(out: Path, seed: int = 0, force: bool = False) -> dict[str, Path]:
     """Write the kit (see the module docstring) to `out`; return its parts' paths by name."""
     out = Path(out)
-    benchmarks = SHARED_DATA / "benchmarks"
-    if not benchmarks.is_dir():
-        raise FileNotFoundError(f"shared benchmarks not found at {benchmarks}; set SCOPE_MEGA_SHARED_DATA")
     names = ["tokenizer", "policy", "policy_megatron", "guide", "prm", "prm_megatron"]
     with atomic_output_dir(out, force) as tmp:
-        tokenizer = train_math_tokenizer(benchmark_texts(benchmarks))
+        tokenizer = train_math_tokenizer(benchmark_texts(BENCHMARKS))
         tokenizer.save_pretrained(tmp / "tokenizer")
         write_causal_lm(tmp / "policy", tokenizer, seed)
         write_causal_lm(tmp / "guide", tokenizer, seed + 1)
-        examples = gsm8k_examples(benchmarks / "gsm8k.jsonl", PRM_CALIBRATION_ROWS)
+        examples = gsm8k_examples(BENCHMARKS / "gsm8k.jsonl", PRM_CALIBRATION_ROWS)
         write_prm(tmp / "prm", tokenizer, seed + 2, examples)
         convert_to_megatron([(tmp / "policy", tmp / "policy_megatron"), (tmp / "prm", tmp / "prm_megatron")])
-        copy_rows(benchmarks / "gsm8k.jsonl", tmp / "train.jsonl", TRAIN_ROWS)
-        copy_rows(benchmarks / "amc23.jsonl", tmp / "eval.jsonl", EVAL_ROWS)
+        copy_rows(BENCHMARKS / "gsm8k.jsonl", tmp / "train.jsonl", TRAIN_ROWS)
+        copy_rows(BENCHMARKS / "amc23.jsonl", tmp / "eval.jsonl", EVAL_ROWS)
     return {**{name: out / name for name in names}, "train": out / "train.jsonl", "eval": out / "eval.jsonl"}
 
 

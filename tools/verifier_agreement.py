@@ -20,7 +20,7 @@ from pathlib import Path
 from scope_mega.rewards.math_verifier import MathVerifier, MathVerifierConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "verifier" / "math_cot_100.jsonl"
+DEFAULT_DATA = REPO_ROOT / "data" / "verifier" / "math_cot_100.jsonl"
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ def parse_prompt(text: str, ops: tuple[str, ...] = DEFAULT_OPS) -> Problem | Non
 class TaskConfig:
     """Difficulty knobs for generated problems.
 
-    Defaults are deliberately easier than the calibration point in DESIGN.md section 5 (3-4 numbers
+    Defaults are deliberately easier than the calibration point in docs/design.md section 5 (3-4 numbers
     from 1-12: a 4-minute character model reached only 8% greedy): exactly 3 numbers from 1-9 keep
     every given number one digit/token and every solution at most two steps plus the answer, and the
     generating solution keeps every value <= `max_target` (at most two digits), so a tiny model should

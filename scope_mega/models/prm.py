@@ -1,7 +1,7 @@
 """The process reward model in the Qwen2.5-Math-PRM layout, on Megatron-Core, and `MegatronPRM`, the
 `scope.prm.PRM` that scores steps with it.
 
-Layout (DESIGN.md section 6): a Qwen2 backbone without `lm_head` (the GPTModel decoder, final norm on
+Layout (docs/design.md section 6): a Qwen2 backbone without `lm_head` (the GPTModel decoder, final norm on
 the last stage, no `output_layer`) and, on the last pipeline stage, a two-class head
 `score` = Linear(h, h) -> ReLU -> Linear(h, 2), replicated over TP (`score.0.*`, `score.2.*`, the HF
 names too). Each step ends with the separator token `<extra_0>`; a step's score is softmax(logits)[1]

@@ -35,7 +35,7 @@ Metrics = dict[str, tuple[Tensor, Tensor]]
 
 @dataclass
 class PolicyLossConfig:
-    """Loss choices (DESIGN.md section 4); defaults are SCOPE's.
+    """Loss choices (docs/design.md section 4); defaults are SCOPE's.
 
     clip_low, clip_high: PPO ratio clipped to [1 - clip_low, 1 + clip_high]; clip-higher (DAPO) is
         clip_high > clip_low.

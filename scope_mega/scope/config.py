@@ -1,4 +1,4 @@
-"""SCOPE options (DESIGN.md section 4): every choice the paper's abstract leaves open, with our default.
+"""SCOPE options (docs/design.md section 4): every choice the paper's abstract leaves open, with our default.
 
 Off-policy loss choices (shaping vs clipped ratio, gamma) live in `rl.loss.PolicyLossConfig`.
 """

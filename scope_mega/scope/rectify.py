@@ -1,5 +1,5 @@
 """SCOPE rectification and the LUFFY-style baseline: failed rollouts in, groups with salvaged
-trajectories out (DESIGN.md section 3, step 3).
+trajectories out (docs/design.md section 3, step 3).
 
 SCOPE: every failed rollout is split into steps and scored by the PRM; k* = first step below
 `prm_threshold`. Candidates have k* >= `min_prefix_steps` (no error found, or k* = 0, is never

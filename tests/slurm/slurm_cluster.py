@@ -33,7 +33,7 @@ The configuration, and why each non-default line is there:
   started by the periodic scheduler; with the defaults (60 s / 30 s) the restart came up to ~30 s late.
 * ``ProctrackType=proctrack/linuxproc`` and ``TaskPlugin=task/none``, no cgroup.conf, and
   ``JobAcctGatherType=jobacct_gather/none``: no cgroup plugin is loaded at all, because on these
-  machines a cgroup.conf present made slurmd fail to start (DESIGN.md section 5). linuxproc tracks job
+  machines a cgroup.conf present made slurmd fail to start (docs/design.md section 5). linuxproc tracks job
   processes through the /proc process tree, which is enough to signal and kill them.
 * ``SlurmUser=root``, ``SlurmdUser=root``: the daemons run as root (tests run as root); no file
   ownership juggling for the slurm user.

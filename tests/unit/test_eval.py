@@ -4,7 +4,6 @@ grader's labels, pass@k by hand, and engine-driven evaluation."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -25,8 +24,7 @@ from scope_mega.eval import (
 from scope_mega.rewards.math_verifier import MathVerifier
 from scope_mega.rollout.engine import Completion, SamplingParams
 
-# as tests/conftest.py's `shared_data`: beside the checkout, or $SCOPE_MEGA_SHARED_DATA
-DATA = Path(os.environ.get("SCOPE_MEGA_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+DATA = Path(__file__).resolve().parents[2] / "data"  # the repository's data/, as conftest's `data_dir`
 BENCH = DATA / "benchmarks"
 VERIFIER_FILE = DATA / "verifier" / "math_cot_100.jsonl"
 

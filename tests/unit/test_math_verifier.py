@@ -175,13 +175,13 @@ def test_worker_is_reaped_at_interpreter_exit():
         os.kill(pid, 0)
 
 
-def test_agreement_with_reference_grader(shared_data, monkeypatch):
+def test_agreement_with_reference_grader(data_dir, monkeypatch):
     spec = importlib.util.spec_from_file_location(
         "verifier_agreement", REPO_ROOT / "tools/verifier_agreement.py"
     )
     tool = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, tool)  # dataclasses look their module up there
     spec.loader.exec_module(tool)
-    report = tool.run(shared_data / "verifier" / "math_cot_100.jsonl", MathVerifierConfig())
+    report = tool.run(data_dir / "verifier" / "math_cot_100.jsonl", MathVerifierConfig())
     assert report.total == 800
     assert report.rate >= 0.98, [tool.category(d) for d in report.disagreements]

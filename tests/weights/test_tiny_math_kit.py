@@ -118,9 +118,9 @@ def test_megatron_checkpoints_load_as_the_trainer_loads_them(kit, tmp_path):
     assert torch.equal(loaded["prm_score"], prm["score.2.weight"])
 
 
-def test_benchmark_files(kit, shared_data):
+def test_benchmark_files(kit, data_dir):
     train, evaluation = load_benchmark(kit["train"]), load_benchmark(kit["eval"])
     assert len(train) == 64 and len(evaluation) == 8
-    gsm8k = (shared_data / "benchmarks" / "gsm8k.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    gsm8k = (data_dir / "benchmarks" / "gsm8k.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     assert kit["train"].read_text(encoding="utf-8") == "".join(gsm8k[:64])
     assert train[0].answer == "18" and evaluation[0].answer == "27"
