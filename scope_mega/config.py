@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from scope_mega.data.countdown import TaskConfig
+from scope_mega.ranges import Checked, RangeError, between, ge, gt
 from scope_mega.rl.advantages import AdvantageConfig
 from scope_mega.rl.loss import PolicyLossConfig
 from scope_mega.scope.config import ScopeConfig
@@ -28,74 +29,75 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class FP8Config:
+class FP8Config(Checked):
     """Transformer Engine FP8 settings, passed through to Megatron's TransformerConfig."""
 
     enabled: bool = False
     format: Literal["e4m3", "hybrid"] = "hybrid"
     recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
-    amax_history_len: int = 1024
+    amax_history_len: int = field(default=1024, metadata=ge(1))
     amax_compute_algo: Literal["max", "most_recent"] = "max"
-    margin: int = 0
+    margin: int = field(default=0, metadata=ge(0))
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     """The architecture comes from a Hugging Face config: a dict (with `model_type`) or a directory path."""
 
     hf_config: dict[str, Any] | str = field(default_factory=dict)
     transformer_impl: Literal["auto", "local", "te"] = "auto"
     params_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    make_vocab_size_divisible_by: int = 128
-    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = field(default=128, metadata=ge(1))
+    init_method_std: float = field(default=0.02, metadata=gt(0))
     fp8: FP8Config = field(default_factory=FP8Config)
 
 
 @dataclass
-class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1  # context parallel: reserved, only 1 is supported today
+class ParallelConfig(Checked):
+    tp: int = field(default=1, metadata=ge(1))
+    pp: int = field(default=1, metadata=ge(1))
+    cp: int = field(default=1, metadata=ge(1))  # context parallel: reserved, only 1 is supported today
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 0
+class OptimConfig(Checked):
+    lr: float = field(default=1e-4, metadata=gt(0))
+    min_lr: float = field(default=0.0, metadata=ge(0))
+    warmup_steps: int = field(default=0, metadata=ge(0))
     decay_style: Literal["constant", "linear", "cosine"] = "constant"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    weight_decay: float = field(default=0.0, metadata=ge(0))
+    adam_beta1: float = field(default=0.9, metadata=between(0, 1, hi_open=True))
+    adam_beta2: float = field(default=0.999, metadata=between(0, 1, hi_open=True))
+    adam_eps: float = field(default=1e-8, metadata=gt(0))
+    clip_grad: float = field(default=1.0, metadata=ge(0))  # max global grad norm; 0: no clipping
 
 
 @dataclass
-class CheckpointConfig:
-    save_interval: int = 0  # steps between saves; 0 saves only at the end
-    keep_last: int = 2
+class CheckpointConfig(Checked):
+    save_interval: int = field(default=0, metadata=ge(0))  # steps between saves; 0 saves only at the end
+    keep_last: int = field(default=2, metadata=ge(0))  # 0 keeps every checkpoint
     resume: bool = True  # pick up `<run_dir>/checkpoints/latest` when present
     load_weights: str | None = None  # initialise model weights from this checkpoint directory
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(Checked):
     """Supervised warm-start on solver-written solutions of the toy task."""
 
-    steps: int = 300
-    global_batch_size: int = 32
-    micro_batch_size: int = 16
-    num_train_problems: int = 4000
-    num_eval_problems: int = 200
-    eval_interval: int = 0  # 0: evaluate only at the end
-    tokenizer_vocab_size: int = 128
+    steps: int = field(default=300, metadata=ge(0))
+    global_batch_size: int = field(default=32, metadata=ge(1))
+    micro_batch_size: int = field(default=16, metadata=ge(1))
+    num_train_problems: int = field(default=4000, metadata=ge(1))
+    num_eval_problems: int = field(default=200, metadata=ge(1))
+    eval_interval: int = field(default=0, metadata=ge(0))  # 0: evaluate only at the end
+    # an upper bound; sentencepiece needs 101 for the printable ASCII characters and special tokens
+    tokenizer_vocab_size: int = field(default=128, metadata=ge(101))
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     """Where RL prompts come from: the built-in Countdown task, or math JSON Lines (benchmark formats)."""
 
     task: Literal["countdown", "math"] = "countdown"
@@ -103,22 +105,23 @@ class DataConfig:
     eval_files: list[str] = field(default_factory=list)
     tokenizer: str | None = None  # math: a Hugging Face tokenizer directory (countdown trains its own)
     template: str = "qwen-boxed"  # math: a name in `eval.TEMPLATES` or a string containing {question}
-    max_prompt_tokens: int = 1024
+    max_prompt_tokens: int = field(default=1024, metadata=ge(1))
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(Checked):
     """The rollout engine and its sampling settings (the policy's engine; a guide engine mirrors it)."""
 
     engine: Literal["hf", "vllm"] = "hf"
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k filtering
+    max_new_tokens: int = field(default=48, metadata=ge(1))
+    temperature: float = field(default=1.0, metadata=ge(0))  # 0: greedy
+    top_p: float = field(default=1.0, metadata=between(0, 1, lo_open=True))
+    top_k: int = field(default=0, metadata=ge(0))  # 0: no top-k filtering
     stop: list[str] = field(default_factory=list)
-    sync_bucket_mb: int = 64  # bytes in flight per bucket when streaming weights to the engine
-    vllm_tensor_parallel_size: int = 1
-    vllm_gpu_memory_utilization: float = 0.5
+    # MiB in flight per bucket when streaming weights to the engine
+    sync_bucket_mb: int = field(default=64, metadata=ge(1))
+    vllm_tensor_parallel_size: int = field(default=1, metadata=ge(1))
+    vllm_gpu_memory_utilization: float = field(default=0.5, metadata=between(0, 1, lo_open=True))
     vllm_fp8_weights: bool = False
 
 
@@ -132,26 +135,27 @@ class GuideConfig:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(Checked):
     """The RL stage: GRPO groups, SCOPE, rollout budget per step."""
 
-    steps: int = 30
-    prompts_per_step: int = 8
-    group_size: int = 8
-    micro_batch_size: int = 16
-    eval_interval: int = 10  # 0: evaluate only before and after training
-    num_eval_problems: int = 100
-    eval_samples: int = 8  # n samples per eval problem for pass@k / avg@k
+    steps: int = field(default=30, metadata=ge(0))
+    prompts_per_step: int = field(default=8, metadata=ge(1))
+    group_size: int = field(default=8, metadata=ge(2))  # GRPO compares samples within a group
+    micro_batch_size: int = field(default=16, metadata=ge(1))
+    eval_interval: int = field(default=10, metadata=ge(0))  # 0: evaluate only before and after training
+    num_eval_problems: int = field(default=100, metadata=ge(1))
+    eval_samples: int = field(default=8, metadata=ge(1))  # n samples per eval problem for pass@k / avg@k
     init_from: str | None = None  # checkpoint directory with the warm-started policy (e.g. the SFT run)
-    lr: float = 1e-5  # constant RL learning rate (the `optim` schedule is the SFT stage's)
+    # constant RL learning rate (the `optim` schedule is the SFT stage's)
+    lr: float = field(default=1e-5, metadata=gt(0))
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Checked):
     run_dir: str = "runs/demo"
-    seed: int = 1234
+    seed: int = field(default=1234, metadata=ge(0))
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    log_interval: int = 10
+    log_interval: int = field(default=10, metadata=ge(1))
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -240,6 +244,8 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
         kwargs[key] = _coerce(value, hints[key], full)
     try:
         return cls(**kwargs)
+    except RangeError as e:  # "steps must be >= 0, ..." -> "rl.steps must be >= 0, ..."
+        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path or cls.__name__}: {e}") from None
 
@@ -290,9 +296,6 @@ def validate(cfg: RunConfig) -> None:
     from scope_mega.models.arch import load_hf_config
 
     par = cfg.parallel
-    for name in ("tp", "pp", "cp"):
-        if getattr(par, name) < 1:
-            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(par, name)}")
     if par.cp != 1:
         raise ConfigError("parallel.cp > 1 (context parallel) is not supported yet; set parallel.cp=1")
     hf = load_hf_config(cfg.model.hf_config)

@@ -31,8 +31,10 @@ import hashlib
 import random
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+
+from scope_mega.ranges import Checked, between, ge
 
 STEP_DELIMITER = "\n"
 ANSWER_PREFIX = "answer:"
@@ -82,7 +84,7 @@ def parse_prompt(text: str, ops: tuple[str, ...] = DEFAULT_OPS) -> Problem | Non
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(Checked):
     """Difficulty knobs for generated problems.
 
     Defaults are deliberately easier than the calibration point in docs/design.md section 5 (3-4 numbers
@@ -96,22 +98,19 @@ class TaskConfig:
     stable hash of `Problem.key`) form the held-out split.
     """
 
-    min_numbers: int = 3
-    max_numbers: int = 3
-    max_value: int = 9
-    max_target: int = 50
+    min_numbers: int = field(default=3, metadata=between(2, 6))
+    max_numbers: int = field(default=3, metadata=between(2, 6))
+    max_value: int = field(default=9, metadata=ge(2))
+    max_target: int = field(default=50, metadata=ge(2))
     ops: tuple[str, ...] = DEFAULT_OPS
-    held_out_fraction: float = 0.1
+    held_out_fraction: float = field(default=0.1, metadata=between(0, 1, lo_open=True, hi_open=True))
 
     def __post_init__(self) -> None:
-        if not 2 <= self.min_numbers <= self.max_numbers <= 6:
-            raise ValueError("need 2 <= min_numbers <= max_numbers <= 6")
-        if self.max_value < 2 or self.max_target < 2:
-            raise ValueError("max_value and max_target must be >= 2")
+        super().__post_init__()
+        if self.min_numbers > self.max_numbers:
+            raise ValueError(f"min_numbers={self.min_numbers} must be <= max_numbers={self.max_numbers}")
         if not self.ops or any(op not in ALL_OPS for op in self.ops):
             raise ValueError(f"ops must be a non-empty subset of {ALL_OPS}, got {self.ops}")
-        if not 0.0 < self.held_out_fraction < 1.0:
-            raise ValueError("held_out_fraction must be in (0, 1)")
 
 
 @dataclass(frozen=True)

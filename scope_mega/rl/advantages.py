@@ -11,17 +11,19 @@ which divides the token sum by a constant instead of each response's length). Th
 in different configs because the loss does not know about groups; use them together.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
+from scope_mega.ranges import Checked, ge
+
 Estimator = Literal["grpo", "dr_grpo"]
 
 
 @dataclass
-class AdvantageConfig:
+class AdvantageConfig(Checked):
     """How group rewards become advantages.
 
     estimator: "grpo" -> (r - mean) / (std + eps) (or mean-centred only when ``std_scale=False``);
@@ -32,13 +34,12 @@ class AdvantageConfig:
 
     estimator: Estimator = "grpo"
     std_scale: bool = True
-    eps: float = 1e-6
+    eps: float = field(default=1e-6, metadata=ge(0))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.estimator not in get_args(Estimator):
             raise ValueError(f"estimator must be one of {get_args(Estimator)}, got {self.estimator!r}")
-        if self.eps < 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
 
 
 def group_advantages(rewards: Tensor, cfg: AdvantageConfig) -> Tensor:

@@ -20,11 +20,13 @@ and scales the gradients by its inverse. Hence the normaliser is an int32 0-dim 
 sequence must be whole on one rank (context parallelism would split it and break ``seq_mean``).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
+
+from scope_mega.ranges import Checked, between, finite, ge, gt
 
 Aggregation = Literal["token_mean", "seq_mean", "seq_sum_constant"]
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -34,7 +36,7 @@ Metrics = dict[str, tuple[Tensor, Tensor]]
 
 
 @dataclass
-class PolicyLossConfig:
+class PolicyLossConfig(Checked):
     """Loss choices (docs/design.md section 4); defaults are SCOPE's.
 
     clip_low, clip_high: PPO ratio clipped to [1 - clip_low, 1 + clip_high]; clip-higher (DAPO) is
@@ -51,19 +53,20 @@ class PolicyLossConfig:
         "clip" -> PPO surrogate on the ratio p / p_guide, clipped to 1 -/+ off_policy_clip.
     """
 
-    clip_low: float = 0.2
-    clip_high: float = 0.2
+    clip_low: float = field(default=0.2, metadata=between(0, 1, hi_open=True))
+    clip_high: float = field(default=0.2, metadata=ge(0))
     aggregation: Aggregation = "token_mean"
-    max_len: int | None = None
-    kl_coef: float = 0.0
+    max_len: int | None = field(default=None, metadata=ge(1))
+    kl_coef: float = field(default=0.0, metadata=ge(0))
     kl_estimator: KLEstimator = "k3"
-    entropy_coef: float = 0.0
-    tis_cap: float | None = None
+    entropy_coef: float = field(default=0.0, metadata=finite())
+    tis_cap: float | None = field(default=None, metadata=gt(0))
     off_policy: OffPolicyMode = "shaping"
-    shaping_gamma: float = 0.1
-    off_policy_clip: float = 0.2
+    shaping_gamma: float = field(default=0.1, metadata=gt(0))
+    off_policy_clip: float = field(default=0.2, metadata=between(0, 1, hi_open=True))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name, value, allowed in (
             ("aggregation", self.aggregation, get_args(Aggregation)),
             ("kl_estimator", self.kl_estimator, get_args(KLEstimator)),
@@ -71,19 +74,8 @@ class PolicyLossConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        for name, value in (("clip_low", self.clip_low), ("off_policy_clip", self.off_policy_clip)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if self.clip_high < 0:
-            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.shaping_gamma <= 0:
-            raise ValueError(f"shaping_gamma must be > 0, got {self.shaping_gamma}")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
-        if self.aggregation == "seq_sum_constant" and (self.max_len is None or self.max_len <= 0):
-            raise ValueError(f"aggregation 'seq_sum_constant' needs max_len > 0, got {self.max_len}")
+        if self.aggregation == "seq_sum_constant" and self.max_len is None:
+            raise ValueError("aggregation 'seq_sum_constant' needs max_len (the generation limit)")
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator) -> Tensor:

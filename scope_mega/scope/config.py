@@ -5,8 +5,10 @@ Off-policy loss choices (shaping vs clipped ratio, gamma) live in `rl.loss.Polic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
+
+from scope_mega.ranges import Checked, between, ge
 
 Method = Literal["scope", "luffy", "prm_dense", "none"]
 GuideKind = Literal["engine", "oracle", "reference"]
@@ -14,7 +16,7 @@ Mode = Literal["replace", "append"]
 
 
 @dataclass
-class ScopeConfig:
+class ScopeConfig(Checked):
     """How failed rollouts are rectified.
 
     enabled: False is plain GRPO whatever `method` says.
@@ -35,15 +37,16 @@ class ScopeConfig:
     enabled: bool = True
     method: Method = "scope"
     step_delimiter: str = "\n\n"
-    prm_threshold: float = 0.5
-    min_prefix_steps: int = 1
-    max_rectified_per_group: int = 1
+    prm_threshold: float = field(default=0.5, metadata=between(0, 1, lo_open=True))
+    min_prefix_steps: int = field(default=1, metadata=ge(1))  # k* = 0 is never salvageable
+    max_rectified_per_group: int = field(default=1, metadata=ge(1))
     guide: GuideKind = "engine"
     require_correct: bool = True
     mode: Mode = "replace"
-    dense_coef: float = 1.0
+    dense_coef: float = field(default=1.0, metadata=ge(0))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name, value, allowed in (
             ("method", self.method, get_args(Method)),
             ("guide", self.guide, get_args(GuideKind)),
@@ -53,14 +56,6 @@ class ScopeConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not self.step_delimiter:
             raise ValueError("step_delimiter must be a non-empty string")
-        if not 0.0 < self.prm_threshold <= 1.0:
-            raise ValueError(f"prm_threshold must be in (0, 1], got {self.prm_threshold}")
-        if self.min_prefix_steps < 1:
-            raise ValueError(
-                f"min_prefix_steps must be >= 1 (k* = 0 is never salvageable), got {self.min_prefix_steps}"
-            )
-        if self.max_rectified_per_group < 1:
-            raise ValueError(f"max_rectified_per_group must be >= 1, got {self.max_rectified_per_group}")
 
     @property
     def active_method(self) -> Method:

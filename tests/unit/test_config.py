@@ -1,13 +1,15 @@
 """Config errors are one clear line (exit status 2, no traceback); valid configs load with overrides."""
 
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 from scope_mega.cli import CONFIG_ERROR_EXIT_CODE, main
-from scope_mega.config import ConfigError, load_config
+from scope_mega.config import ConfigError, RunConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "tiny_cpu.yaml"
@@ -82,3 +84,64 @@ def test_trainer_refuses_what_it_cannot_run(capsys):
         code = main(["train", str(TINY), *overrides, "run_dir=/nonexistent/never-written"])
         err = capsys.readouterr().err.strip()
         assert code == CONFIG_ERROR_EXIT_CODE and err.startswith(f"config error: {fragment}"), err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rl.steps=-5", "rl.steps must be >= 0, got -5"),
+        ("rollout.temperature=-1", "rollout.temperature must be >= 0, got -1.0"),
+        ("rollout.top_p=0", "rollout.top_p must be in (0, 1], got 0.0"),
+        ("rollout.top_p=1.5", "rollout.top_p must be in (0, 1], got 1.5"),
+        ("rl.group_size=1", "rl.group_size must be >= 2, got 1"),
+        ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
+        ("optim.lr=-1e-3", "optim.lr must be > 0, got -0.001"),
+        ("optim.adam_beta2=1", "optim.adam_beta2 must be in [0, 1), got 1.0"),
+        ("rl.lr=.nan", "rl.lr must be > 0, got nan"),
+        ("loss.entropy_coef=.inf", "loss.entropy_coef must be finite, got inf"),
+        ("loss.clip_low=1", "loss.clip_low must be in [0, 1), got 1.0"),
+        ("scope.prm_threshold=0", "scope.prm_threshold must be in (0, 1], got 0.0"),
+        ("task.min_numbers=1", "task.min_numbers must be in [2, 6], got 1"),
+        ("advantage.eps=-1", "advantage.eps must be >= 0, got -1.0"),
+        ("parallel.tp=0", "parallel.tp must be >= 1, got 0"),
+        ("seed=-1", "seed must be >= 0, got -1"),
+    ],
+)
+def test_out_of_range_values_are_one_line_errors(override, message, capsys):
+    assert _error([override], capsys) == f"config error: {message}"
+    code = main(["train", str(TINY), override, "--dry-run"])
+    assert code == CONFIG_ERROR_EXIT_CODE
+    assert capsys.readouterr().err.strip() == f"config error: {message}"
+
+
+def test_the_cli_refuses_negative_steps_before_a_dry_run():
+    proc = subprocess.run(
+        [sys.executable, "-m", "scope_mega.cli", "train", str(TINY), "rl.steps=-5", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        CONFIG_ERROR_EXIT_CODE,
+        "",
+        "config error: rl.steps must be >= 0, got -5\n",
+    )
+
+
+def _numeric_fields(cls: type, path: str = ""):
+    """(dotted key, field) of every int or float option under the config dataclass `cls`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{path}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(tp, f"{key}.")
+        elif {int, float} & {tp, *typing.get_args(tp)}:
+            yield key, f
+
+
+def test_every_numeric_option_declares_its_range():
+    fields = dict(_numeric_fields(RunConfig))
+    assert {"rl.steps", "rollout.temperature", "rollout.top_p", "rl.group_size", "optim.lr"} <= fields.keys()
+    assert len(fields) >= 60  # the walk reaches every section
+    missing = [key for key, f in fields.items() if "range" not in f.metadata]
+    assert not missing, f"numeric options without a declared range: {missing}"
