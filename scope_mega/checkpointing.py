@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from scope_mega.config import ConfigError
 from scope_mega.train_step import TrainState
 
 LATEST = "latest"
@@ -158,8 +159,18 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
         return None
     path = marker.parent / marker.read_text().strip()
     if not (path / "trainer_state.json").is_file():
-        raise RuntimeError(f"{marker} points to {path}, which is not a complete checkpoint")
+        raise ConfigError(f"{marker} points to {path}, which is not a complete checkpoint")
     return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory a user names: a step directory (model/ inside) as it is, a checkpoint
+    root (a `latest` marker inside) or the `latest` marker file itself as the checkpoint it points to."""
+    path = Path(path)
+    root = path.parent if path.name == LATEST and path.is_file() else path
+    if not (root / "model").is_dir() and (root / LATEST).is_file():
+        return latest_checkpoint(root)
+    return root
 
 
 def has_checkpoint(ckpt_root: str | Path, step: int) -> bool:

@@ -36,7 +36,11 @@ def add_direction_parsers(subparsers) -> None:
     imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     imp.add_argument("--force", action="store_true", help="replace --out if it exists")
     exp = subparsers.add_parser("megatron-to-hf", help="Megatron checkpoint -> HF safetensors")
-    exp.add_argument("--megatron-dir", required=True, help="folder with model/ (converted or trained)")
+    exp.add_argument(
+        "--megatron-dir",
+        required=True,
+        help="folder with model/ (converted or trained), or a checkpoints folder or its `latest` marker",
+    )
     exp.add_argument("--out", required=True, help="HF model folder to create")
     exp.add_argument("--hf-config", help="folder with the HF config.json (default: <megatron-dir>/hf)")
     exp.add_argument("--max-shard-size", type=parse_size, default="2GB", help="e.g. 2GB, 500MB")

@@ -13,7 +13,7 @@
 #
 #   mkdir -p logs
 #   sbatch --ntasks=8 slurm/convert.sh hf-to-megatron --hf-dir HF_DIR --out CKPT_DIR --tp 4 --pp 2
-#   sbatch slurm/convert.sh megatron-to-hf --megatron-dir CKPT_DIR --out HF_DIR
+#   sbatch slurm/convert.sh megatron-to-hf --megatron-dir CKPT_DIR --out HF_DIR  (or RUN/checkpoints_rl/latest)
 #
 # hf-to-megatron runs one task per TP x PP shard (tp*pp tasks; the allocation needs at least that
 # many: pass --ntasks on the sbatch line), each building its shard of the model and reading only the

@@ -81,10 +81,15 @@ def export_hf_checkpoint(
     hf_config: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write `out` as an HF checkpoint (sharded safetensors + index, config, tokenizer files)."""
-    src = Path(megatron_dir)
+    """Write `out` as an HF checkpoint (sharded safetensors + index, config, tokenizer files).
+    `megatron_dir` is a checkpoint directory, or a checkpoint root or `latest` marker naming one."""
+    from scope_mega.checkpointing import resolve_checkpoint
+
+    src = resolve_checkpoint(megatron_dir)
     if not (src / "model").is_dir():
-        raise ConversionError(f"{src} is not a Megatron checkpoint directory (no model/ inside)")
+        raise ConversionError(
+            f"{src} is not a Megatron checkpoint directory (no model/ inside, and no `latest` marker)"
+        )
     hf, side_files = resolve_hf_source(src, hf_config)
     dims = Dims.of(hf)
     items = [b for b in bindings(hf) if b.rule.export]

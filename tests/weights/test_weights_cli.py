@@ -96,6 +96,28 @@ def test_export_of_a_trainer_checkpoint_takes_the_config_it_recorded(
     assert (out / "tokenizer_config.json").read_text() == TOKENIZER_CONFIG
 
 
+def test_export_follows_the_latest_marker(capsys, bf16_llama: Path, imported: Path, tmp_path: Path):
+    """A checkpoints folder and its `latest` marker name the checkpoint the marker points to."""
+    root = tmp_path / "checkpoints_rl"
+    step = root / "step_00000002"
+    shutil.copytree(imported / "model", step / "model")
+    state = {"config": {"model": {"hf_config": str(bf16_llama)}}}
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    (root / "step_00000001").mkdir()  # an older step: the marker, not the folder listing, decides
+    (root / "latest").write_text("step_00000002")
+    want = _all_tensors(bf16_llama)
+    for i, src in enumerate([root, root / "latest"]):
+        assert main(["megatron-to-hf", "--megatron-dir", str(src), "--out", str(tmp_path / f"hf{i}")]) == 0
+        got = _all_tensors(tmp_path / f"hf{i}")
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    (root / "latest").write_text("step_00000001")  # a marker pointing at an incomplete checkpoint
+    marker, out = str(root / "latest"), str(tmp_path / "x")
+    err = _error_line(capsys, "megatron-to-hf", "--megatron-dir", marker, "--out", out)
+    incomplete = root / "step_00000001"
+    assert err == f"convert error: {marker} points to {incomplete}, which is not a complete checkpoint"
+    assert not (tmp_path / "x").exists()
+
+
 def test_unsupported_architecture(capsys, tmp_path: Path):
     transformers.AutoConfig.for_model("gpt2").save_pretrained(tmp_path / "gpt2")
     args = ("hf-to-megatron", "--hf-dir", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"))
