@@ -80,6 +80,9 @@ class CheckpointConfig(Checked):
     keep_last: int = field(default=2, metadata=ge(0))  # 0 keeps every checkpoint
     resume: bool = True  # pick up `<run_dir>/checkpoints/latest` when present
     load_weights: str | None = None  # initialise model weights from this checkpoint directory
+    # The RL policy as an HF model directory (config, safetensors, tokenizer, generation config):
+    # "off"; "final": <run_dir>/hf at the end; N: also <run_dir>/hf_steps/step_XXXXXXXX every N steps.
+    export_hf: Literal["off", "final"] | int = field(default="off", metadata=ge(1))
 
 
 @dataclass
@@ -190,16 +193,18 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
+        wanted = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, path)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+                wanted.append(str(e).removeprefix(f"{path} must be ").removesuffix(f", got {value!r}"))
+        raise ConfigError(f"{path} must be {' or '.join(wanted)}, got {value!r}")
     if origin is Literal:
+        if value is False and "off" in typing.get_args(tp):
+            value = "off"  # YAML 1.1 reads a bare `off` as false
         if value not in typing.get_args(tp):
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
             raise ConfigError(f"{path} must be one of {choices}, got {value!r}")

@@ -67,12 +67,12 @@ def finite() -> dict[str, Range]:
 
 
 def check_ranges(obj: Any) -> None:
-    """Raise `RangeError` for the first field of dataclass `obj` whose value lies outside the range its
-    metadata declares (None, for an optional field, is always allowed)."""
+    """Raise `RangeError` for the first field of dataclass `obj` whose number lies outside the range its
+    metadata declares (a field that also takes None or a named choice is only checked on numbers)."""
     for f in dataclasses.fields(obj):
         bounds: Range | None = f.metadata.get(_KEY)
         value = getattr(obj, f.name)
-        if bounds is not None and value is not None and value not in bounds:
+        if bounds is not None and isinstance(value, (int, float)) and value not in bounds:
             raise RangeError(f"{f.name} must be {bounds.describe()}, got {value!r}")
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from scope_mega.checkpointing import (
     TrainerState,
+    export_hf,
     has_checkpoint,
     latest_checkpoint,
     load_checkpoint,
@@ -494,6 +495,7 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         periodic = cfg.checkpoint.save_interval and trainer.step % cfg.checkpoint.save_interval == 0
         if stop or periodic:
             save_checkpoint(ckpt_root, state, trainer, config_dict, cfg.checkpoint.keep_last)
+        export_hf(cfg, state.model[0], spec, task, trainer.step)
         if stop:
             logger.close()
             print(f"stop signal: checkpoint at step {trainer.step} written; exiting for requeue", flush=True)
@@ -502,6 +504,7 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     final_metrics = run_eval(trainer.step)
     if not has_checkpoint(ckpt_root, trainer.step):
         save_checkpoint(ckpt_root, state, trainer, config_dict, cfg.checkpoint.keep_last)
+    export_hf(cfg, state.model[0], spec, task, trainer.step, final=True)
     logger.close()
     task.close()
     if is_rank0():

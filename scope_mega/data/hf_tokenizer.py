@@ -99,6 +99,10 @@ class HFTokenizer:
 
         return cls(transformers.AutoTokenizer.from_pretrained(path, local_files_only=True))
 
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write the tokenizer's files into `folder` (as `save_pretrained`), where `from_dir` reads them."""
+        self.hf.save_pretrained(folder)
+
     @property
     def is_byte_level(self) -> bool:
         """Whether `token_offsets` can take the O(n) byte-level path."""

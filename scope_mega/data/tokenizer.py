@@ -56,6 +56,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.processor.encode(text)
 
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write the model as `folder/tokenizer.model`, where `load_tokenizer` reads it."""
+        (Path(folder) / MODEL_FILENAME).write_bytes(self.processor.serialized_model_proto())
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.processor.decode(list(ids))
 

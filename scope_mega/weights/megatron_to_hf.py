@@ -8,11 +8,13 @@ checkpoint's metadata. Memory: one layer.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
 import transformers
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from scope_mega.models import arch
 from scope_mega.weights import files
@@ -108,8 +110,18 @@ def export_hf_checkpoint(
         if side_files is not None:
             files.copy_side_files(side_files, tmp)
         else:
-            hf.to_json_file(tmp / "config.json")
+            write_hf_config(hf, tmp, plan[0].dtype)
     return Path(out)
+
+
+def write_hf_config(hf: transformers.PretrainedConfig, folder: Path, dtype: torch.dtype) -> None:
+    """`folder/config.json` for exported weights: `hf`, naming its causal-LM class where it does not
+    (vLLM picks the model by it) and the dtype the weights were written in."""
+    hf = copy.deepcopy(hf)
+    if not getattr(hf, "architectures", None):
+        hf.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[hf.model_type]]
+    hf.dtype = dtype
+    hf.to_json_file(folder / "config.json")
 
 
 def plan_hf_tensors(

@@ -133,6 +133,29 @@ def gather_hf_weights(
         _send_buckets(mine, stage_ranks[0], group)
 
 
+def stream_plan(model, spec) -> list[tuple[str, tuple[int, ...]]]:
+    """Name and shape of every tensor the exports above yield, in their order, from the stages'
+    parameters alone (the transforms run on meta tensors), so a writer can lay out its files before
+    the first tensor arrives. Collective over the PP group; every rank gets the whole list."""
+    from megatron.core import parallel_state
+
+    local, dims = _exported(model, spec)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    mine = []
+    for binding, param in local:
+        shape = list(param.shape)
+        if binding.rule.tp_dim is not None:
+            shape[binding.rule.tp_dim] *= tp  # every TP merge concatenates along tp_dim
+        for name, t in zip(binding.hf, to_hf(binding.rule, torch.empty(shape, device="meta"), dims)):
+            mine.append((name, tuple(t.shape)))
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return mine
+    group = parallel_state.get_pipeline_model_parallel_group()
+    stages: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(stages, mine, group=group)
+    return [item for stage in stages for item in stage]
+
+
 def release_shared_memory() -> None:
     """Unmap this process's slots and arenas now rather than at exit (an arena a destination still
     holds stays mapped until it lets go). Local: the next export finds them gone and opens new ones."""

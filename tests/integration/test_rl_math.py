@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import transformers
 
+from scope_mega.data.hf_tokenizer import HFTokenizer, load_model_tokenizer
 from scope_mega.logging import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -52,6 +54,7 @@ def test_math_rl_with_model_prm_engine_guide_kl_and_clip(tmp_path):
         f"rl.init_from={kit['policy_megatron']}",
         f"guide.prm_path={kit['prm_megatron']}",
         f"guide.guide_model={kit['guide']}",
+        "checkpoint.export_hf=final",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
@@ -75,3 +78,13 @@ def test_math_rl_with_model_prm_engine_guide_kl_and_clip(tmp_path):
     assert [m["step"] for m in evals] == [0, 2]
     state = json.loads((run / "checkpoints_rl" / "step_00000002" / "trainer_state.json").read_text())
     assert state["tp"] == 2
+    # the HF export carries the math task's transformers tokenizer and its stop tokens
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(
+        run / "hf", local_files_only=True, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    exported, trained = load_model_tokenizer(run / "hf"), HFTokenizer.from_dir(kit["tokenizer"])
+    text = "Janet's ducks lay 16 eggs. \\boxed{18}<|im_end|>"
+    assert exported.encode(text) == trained.encode(text) and exported.vocab_size == trained.vocab_size
+    gen = transformers.GenerationConfig.from_pretrained(run / "hf")
+    assert gen.eos_token_id == trained.stop_token_ids and gen.pad_token_id == trained.pad_id

@@ -145,3 +145,33 @@ def test_every_numeric_option_declares_its_range():
     assert len(fields) >= 60  # the walk reaches every section
     missing = [key for key, f in fields.items() if "range" not in f.metadata]
     assert not missing, f"numeric options without a declared range: {missing}"
+
+
+@pytest.mark.parametrize(
+    "value, exports",
+    [
+        ("off", {}),  # YAML 1.1 reads a bare `off` as false: taken back as "off"
+        ("final", {7: "hf"}),
+        ("3", {3: "hf_steps/step_00000003", 6: "hf_steps/step_00000006", 7: "hf"}),
+        ("7", {7: "hf"}),  # the last step is the final export, not also a periodic one
+    ],
+)
+def test_export_hf_says_where_and_when(value, exports):
+    from scope_mega.checkpointing import hf_export_dir
+
+    cfg = load_config(TINY, [f"checkpoint.export_hf={value}", "rl.steps=7", "run_dir=R"])
+    got = {}
+    for step in range(1, 8):
+        where = hf_export_dir(cfg, step, final=step == 7)
+        if where is not None:
+            got[step] = str(where.relative_to("R"))
+        assert hf_export_dir(cfg, step, final=False) is None or step < 7
+    assert got == exports
+
+
+def test_export_hf_refuses_other_values(capsys):
+    err = _error(["checkpoint.export_hf=0"], capsys)
+    assert err == "config error: checkpoint.export_hf must be >= 1, got 0"
+    assert _error(["checkpoint.export_hf=every"], capsys) == (
+        "config error: checkpoint.export_hf must be one of 'off', 'final' or an integer, got 'every'"
+    )
