@@ -149,9 +149,11 @@ def test_convert_of_the_latest_marker_reproduces_the_export(run: Path, tmp_path:
 
 
 @pytest.mark.distributed
-def test_periodic_exports_at_tp2(tmp_path: Path):
-    """Every step: step 1 under hf_steps/, the last step as the final export; TP shards merged."""
-    run = _train(tmp_path / "run", "checkpoint.export_hf=1", "parallel.tp=2", nproc=2)
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+def test_periodic_exports_from_two_ranks(layout: str, tmp_path: Path):
+    """Every step: step 1 under hf_steps/, the last step as the final export; TP shards merged, or
+    the second pipeline stage's layers and head sent to the first."""
+    run = _train(tmp_path / "run", "checkpoint.export_hf=1", layout, nproc=2)
     assert [p.name for p in (run / "hf_steps").iterdir()] == ["step_00000001"]
     _load(run / "hf_steps" / "step_00000001")
     _load(run / "hf")
