@@ -3,14 +3,12 @@ model directory that transformers loads with every key, whose logits are the Meg
 that `scope-mega convert megatron-to-hf` of the run's `latest` checkpoint reproduces exactly."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from _tiny_rl import scope_mega, train
 from safetensors.torch import load_file
 
 from scope_mega.data.hf_tokenizer import load_model_tokenizer
@@ -18,39 +16,6 @@ from scope_mega.data.tokenizer import load_tokenizer
 from scope_mega.runtime.spawn import spawn_local
 
 pytestmark = [pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "wandb_mode=disabled",
-    "seed=3",
-    "model.hf_config.hidden_size=32",
-    "model.hf_config.intermediate_size=64",
-    "model.hf_config.num_hidden_layers=2",
-    "rl.steps=2",
-    "rl.prompts_per_step=4",
-    "rl.group_size=4",
-    "rl.micro_batch_size=8",
-    "rl.num_eval_problems=4",
-    "rl.eval_samples=2",
-    "rl.eval_interval=0",
-    "rollout.max_new_tokens=12",
-]
-
-
-def _scope_mega(*args: str, nproc: int = 1) -> None:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    launcher = [str(torchrun), f"--nproc-per-node={nproc}", "--standalone"] if nproc > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [*launcher, "-m", "scope_mega.cli", *args], env=env, cwd=REPO, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def _train(run_dir: Path, *overrides: str, nproc: int = 1) -> Path:
-    _scope_mega("train", "examples/tiny_cpu.yaml", f"run_dir={run_dir}", *TINY, *overrides, nproc=nproc)
-    return run_dir
-
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
@@ -99,7 +64,7 @@ def _megatron_logits(run_dir: str, tokens: torch.Tensor, out: str) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """Two RL steps of the tiny config, exporting at the end."""
-    return _train(tmp_path_factory.mktemp("export") / "run", "checkpoint.export_hf=final")
+    return train(tmp_path_factory.mktemp("export") / "run", 2, "checkpoint.export_hf=final", nproc=1)
 
 
 def test_the_export_is_a_complete_hf_model_directory(run: Path):
@@ -143,7 +108,7 @@ def test_logits_equal_the_megatron_policy(run: Path, tmp_path: Path):
 def test_convert_of_the_latest_marker_reproduces_the_export(run: Path, tmp_path: Path):
     out = tmp_path / "converted"
     marker = run / "checkpoints_rl" / "latest"
-    _scope_mega("convert", "megatron-to-hf", "--megatron-dir", str(marker), "--out", str(out))
+    scope_mega("convert", "megatron-to-hf", "--megatron-dir", str(marker), "--out", str(out))
     _assert_same_tensors(out, run / "hf")
     assert (out / "config.json").read_text() == (run / "hf" / "config.json").read_text()
 
@@ -153,10 +118,10 @@ def test_convert_of_the_latest_marker_reproduces_the_export(run: Path, tmp_path:
 def test_periodic_exports_from_two_ranks(layout: str, tmp_path: Path):
     """Every step: step 1 under hf_steps/, the last step as the final export; TP shards merged, or
     the second pipeline stage's layers and head sent to the first."""
-    run = _train(tmp_path / "run", "checkpoint.export_hf=1", layout, nproc=2)
+    run = train(tmp_path / "run", 2, "checkpoint.export_hf=1", layout)
     assert [p.name for p in (run / "hf_steps").iterdir()] == ["step_00000001"]
     _load(run / "hf_steps" / "step_00000001")
     _load(run / "hf")
     out = tmp_path / "converted"
-    _scope_mega("convert", "megatron-to-hf", "--megatron-dir", str(run / "checkpoints_rl"), "--out", str(out))
+    scope_mega("convert", "megatron-to-hf", "--megatron-dir", str(run / "checkpoints_rl"), "--out", str(out))
     _assert_same_tensors(out, run / "hf")

@@ -2,51 +2,14 @@
 the single-process run's numbers; DP=2 splits the prompts over two replicas and logs all of them."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _tiny_rl import train as _train
 
 from scope_mega.logging import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "wandb_mode=disabled",
-    "seed=3",
-    "model.hf_config.hidden_size=32",
-    "model.hf_config.intermediate_size=64",
-    "model.hf_config.num_hidden_layers=2",
-    "rl.prompts_per_step=4",
-    "rl.group_size=4",
-    "rl.micro_batch_size=8",
-    "rl.num_eval_problems=4",
-    "rl.eval_samples=2",
-    "rl.eval_interval=0",
-    "rollout.max_new_tokens=12",
-]
-
-
-def _train(run_dir: Path, steps: int, *overrides: str, nproc: int = 2) -> None:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    launcher = [str(torchrun), f"--nproc-per-node={nproc}", "--standalone"] if nproc > 1 else [sys.executable]
-    cmd = [
-        *launcher,
-        "-m",
-        "scope_mega.cli",
-        "train",
-        str(REPO / "examples/tiny_cpu.yaml"),
-        f"run_dir={run_dir}",
-        f"rl.steps={steps}",
-        *TINY,
-        *overrides,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _rl_steps(run_dir: Path) -> list[dict]:
