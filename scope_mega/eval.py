@@ -405,7 +405,8 @@ def run_eval_cli(args) -> int:
                 if not args.benchmarks:
                     print("eval: --model needs --benchmarks FILE...", file=sys.stderr)
                     return 2
-                from scope_mega.rollout.engine import SamplingParams, make_engine
+                from scope_mega.rollout.engine import SamplingParams
+                from scope_mega.rollout.factory import make_engine
 
                 engine = make_engine(args.engine, args.model)
                 encode = load_encoder(args.model)

@@ -7,8 +7,8 @@ from scope_mega.rollout.engine import (
     WeightSyncError,
     WeightUpdate,
     continue_from,
-    make_engine,
 )
+from scope_mega.rollout.factory import make_engine
 from scope_mega.rollout.weight_sync import sync_weights
 
 __all__ = [

@@ -15,11 +15,9 @@ the same temperature/truncation to compare).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -111,6 +109,28 @@ class RolloutEngine(Protocol):
         ...
 
 
+class StopChecker:
+    """Decides after each new token whether a completion has ended, and why."""
+
+    def __init__(self, sampling: SamplingParams, eos_token_ids: Iterable[int], decode: Decode) -> None:
+        self.token_ids = set(sampling.stop_token_ids) | set(eos_token_ids)
+        self.strings = sampling.stop
+        self.decode = decode
+        # A stop string must end in the newest token, so decoding a tail is enough: each character
+        # takes at most 4 byte-level tokens; the slack covers tokenizers that merge across it.
+        self.window = 4 * max((len(s) for s in self.strings), default=0) + 8
+
+    def __call__(self, token_ids: list[int]) -> str | int | None:
+        if token_ids[-1] in self.token_ids:
+            return token_ids[-1]
+        if self.strings:
+            tail = self.decode(token_ids[-self.window :])
+            found = [(tail.find(s), s) for s in self.strings if s in tail]
+            if found:
+                return min(found)[1]
+        return None
+
+
 def continue_from(
     engine: RolloutEngine,
     prompt_ids: list[list[int]],
@@ -123,42 +143,3 @@ def continue_from(
     if len(prompt_ids) != len(prefix_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(prefix_ids)} prefixes")
     return engine.generate([list(p) + list(q) for p, q in zip(prompt_ids, prefix_ids)], sampling)
-
-
-def load_decoder(model_dir: str | os.PathLike) -> Decode:
-    """`decode(ids)` for the tokenizer stored with a model: the project's sentencepiece
-    `tokenizer.model`, else a transformers tokenizer (special tokens skipped)."""
-    from scope_mega.data.hf_tokenizer import load_model_tokenizer
-
-    return load_model_tokenizer(model_dir).decode
-
-
-def make_engine(
-    kind: Literal["hf", "vllm"],
-    model: str | os.PathLike | dict[str, Any] | Any,
-    decode: Decode | None = None,
-    **kwargs: Any,
-) -> RolloutEngine:
-    """A rollout engine of `kind` for `model`: the policy, a teacher, or a guide -- any number of them
-    side by side. `model` is a model directory, or (hf only) an HF config / config dict; without stored
-    weights the engine starts from random ones, to be replaced through `update_weights`. `decode`
-    defaults to the tokenizer stored with the model. Other keyword arguments go to the engine."""
-    is_dir = isinstance(model, (str, os.PathLike))
-    if decode is None:
-        if not is_dir:
-            raise ValueError("make_engine: pass decode=... when the model is given as a config")
-        decode = load_decoder(model)
-    if kind == "hf":
-        from scope_mega.rollout.hf_engine import HFEngine
-
-        stored = is_dir and any(p.suffix in (".safetensors", ".bin") for p in Path(model).iterdir())
-        if stored:
-            return HFEngine.from_pretrained(model, decode, **kwargs)
-        return HFEngine.from_config(model, decode, **kwargs)
-    if kind == "vllm":
-        if not is_dir:
-            raise ValueError("make_engine: the vllm engine needs a model directory (config, tokenizer)")
-        from scope_mega.rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(str(model), decode, **kwargs)
-    raise ValueError(f"make_engine: unknown engine kind {kind!r}; choose 'hf' or 'vllm'")

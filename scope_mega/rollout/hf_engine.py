@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import transformers
 
-from scope_mega.rollout.engine import Completion, Decode, SamplingParams, WeightUpdate
+from scope_mega.rollout.engine import Completion, Decode, SamplingParams, StopChecker, WeightUpdate
 from scope_mega.rollout.weight_sync import CheckedStream
 
 
@@ -51,28 +51,6 @@ def sample_next(
     else:
         tokens = torch.multinomial(logprobs.exp(), 1, generator=generator)[:, 0]
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
-
-
-class StopChecker:
-    """Decides after each new token whether a completion has ended, and why."""
-
-    def __init__(self, sampling: SamplingParams, eos_token_ids: Iterable[int], decode: Decode) -> None:
-        self.token_ids = set(sampling.stop_token_ids) | set(eos_token_ids)
-        self.strings = sampling.stop
-        self.decode = decode
-        # A stop string must end in the newest token, so decoding a tail is enough: each character
-        # takes at most 4 byte-level tokens; the slack covers tokenizers that merge across it.
-        self.window = 4 * max((len(s) for s in self.strings), default=0) + 8
-
-    def __call__(self, token_ids: list[int]) -> str | int | None:
-        if token_ids[-1] in self.token_ids:
-            return token_ids[-1]
-        if self.strings:
-            tail = self.decode(token_ids[-self.window :])
-            found = [(tail.find(s), s) for s in self.strings if s in tail]
-            if found:
-                return min(found)[1]
-        return None
 
 
 def _eos_ids(model: transformers.PreTrainedModel) -> list[int]:

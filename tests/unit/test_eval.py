@@ -163,7 +163,7 @@ def test_engine_eval_with_stub(verifier):
 
 def test_engine_eval_tiny_random_hf_model(verifier):
     """A real HFEngine on a tiny random Llama: the plumbing (prompts in, n texts per problem out)."""
-    from scope_mega.rollout.engine import make_engine
+    from scope_mega.rollout.factory import make_engine
 
     vocab = 128
     encode = lambda s: [min(ord(c), vocab - 1) for c in s][-64:]  # noqa: E731
