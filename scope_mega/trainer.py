@@ -1,18 +1,22 @@
-"""The RL loop (DESIGN.md section 3): rollout, verify, SCOPE, advantages, update, sync, eval, checkpoint.
+"""The RL loop (docs/design.md section 3): rollout, verify, SCOPE, advantages, update, sync, eval, checkpoint.
 
-Roles: every data-parallel replica owns one rollout engine (and a guide engine, for an engine guide),
-held by its first model-parallel rank (the "driver"); the driver generates its share of the prompts,
-verifies, rectifies and computes advantages, then broadcasts the finished samples to the other ranks of
-its replica, which all run the Megatron step. A model PRM is TP-sharded over the whole model-parallel
-group: while the driver rectifies, the group's other ranks serve its forward passes (`ServedPRM`).
-Groups never straddle data-parallel ranks, so GRPO statistics stay local; logged metrics average all
-replicas. One optimizer step per rollout batch (fully on-policy): the old-policy logprobs are the
-current ones (ratio 1, exact); the KL reference is a frozen copy of the starting weights.
+Roles: the first rank of each model-parallel group (the "driver") runs the algorithm for its
+data-parallel replica: it generates its share of the prompts, verifies, rectifies and computes
+advantages, then broadcasts the finished samples to the other ranks of its replica, which all run the
+Megatron step. What the driver calls that is collective, its group's other ranks join
+(`runtime.served`): a model PRM's forward (TP-sharded over the model-parallel group), and every vLLM
+generate. Engines: the transformers engine (`rollout.engine=hf`) lives on the driver alone and
+receives the weights there; vLLM has a worker on every rank, in its own TP layout, and every rank
+receives the weights (`rollout.collective`). Groups never straddle data-parallel ranks, so GRPO
+statistics stay local; logged metrics average all replicas. One optimizer step per rollout batch
+(fully on-policy): the old-policy logprobs are the current ones (ratio 1, exact); the KL reference is
+a frozen copy of the starting weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import sys
 import time
@@ -37,13 +41,14 @@ from scope_mega.logging import MetricsLogger, is_rank0
 from scope_mega.metrics import merge_stats, rollout_metrics, scope_metrics, weighted_mean
 from scope_mega.models.arch import load_hf_config
 from scope_mega.models.gpt import build_gpt_model
-from scope_mega.models.prm import ServedPRM
 from scope_mega.rl.advantages import group_advantages
 from scope_mega.rl.loss import PolicyLossConfig, policy_loss
 from scope_mega.rollout.engine import SamplingParams
+from scope_mega.rollout.factory import make_engine
 from scope_mega.rollout.weight_sync import sync_weights
 from scope_mega.runtime import preemption
 from scope_mega.runtime.distributed import init_distributed
+from scope_mega.runtime.served import Served
 from scope_mega.scope.dense import prm_dense_advantages
 from scope_mega.scope.guides import SampledContinuer, make_guide
 from scope_mega.scope.prm import CountdownOraclePRM
@@ -187,14 +192,11 @@ def rl_loss(cfg: PolicyLossConfig, logprobs: torch.Tensor, batch: Batch, entropy
 
 
 def rollout_and_rectify(
-    engine, guide_engine, guide, prm, task: Task, prompts: list[Prompt], seed: int
+    engine, guide, prm, task: Task, prompts: list[Prompt], seed: int
 ) -> tuple[list[Sample], dict[str, float]]:
     """Steps 1-3 and 5 on a replica's driver: sample and verify groups, rectify them (SCOPE or the
     configured baseline), compute advantages. Metrics cover every replica (collective over drivers)."""
     cfg = task.cfg
-    for e in (engine, guide_engine):
-        if e is not None:
-            e.wake_up()
     groups = rollout_groups(engine, task, prompts, cfg.rl.group_size, seed)
     metrics = rollout_metrics(groups, ks=(1,))
     metrics["reward"] = sum(t.reward for g in groups for t in g) / sum(len(g) for g in groups)
@@ -207,9 +209,6 @@ def rollout_and_rectify(
         dense = prm_dense_advantages(
             final, infos, prm, task.tokenizer, cfg.scope.step_delimiter, cfg.advantage, cfg.scope.dense_coef
         )
-    for e in (engine, guide_engine):
-        if e is not None:
-            e.sleep()
     parts = _gather_drivers((metrics, len(groups), stats))
     metrics = weighted_mean([(m, n) for m, n, _ in parts])
     metrics.update(scope_metrics(merge_stats([st for _, _, st in parts])))
@@ -220,7 +219,9 @@ def rollout_and_rectify(
 
 
 def evaluate(engine, task: Task, prompts: list[Prompt], seed: int) -> dict[str, float]:
-    """Greedy accuracy, avg@k and pass@k of k = `rl.eval_samples` samples, and diversity, on `prompts`."""
+    """Greedy accuracy, avg@k and pass@k of k = `rl.eval_samples` samples, and diversity, on `prompts`.
+    With no prompts it still makes its two generate calls (a collective engine needs every driver's)
+    and returns no metrics."""
     cfg = task.cfg
     greedy = engine.generate(
         [p.ids for p in prompts],
@@ -236,6 +237,8 @@ def evaluate(engine, task: Task, prompts: list[Prompt], seed: int) -> dict[str, 
     verdicts = task.verifier.verify_batch(texts, [p.info.reference for p in prompts])
     k = cfg.rl.eval_samples
     groups = rollout_groups(engine, task, prompts, k, seed)
+    if not prompts:
+        return {}
     signature = task.path_signature
     m = rollout_metrics(
         groups,
@@ -256,13 +259,11 @@ def evaluate(engine, task: Task, prompts: list[Prompt], seed: int) -> dict[str, 
 # ----------------------------------------------------------------------------- roles
 
 
-def check_wired(cfg: RunConfig) -> None:
-    """Refuse, before any process starts work, combinations the trainer cannot run."""
-    if cfg.rollout.engine != "hf":
-        raise ConfigError(
-            "rollout.engine=vllm is not wired into the trainer yet (its engine spans every rank, the "
-            "trainer's engine lives on the first rank of each model-parallel group); use rollout.engine=hf"
-        )
+def check_wired(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Refuse, before any process starts work, combinations the trainer cannot run (`world_size`:
+    the launch's, where known)."""
+    if cfg.rollout.engine == "vllm":
+        check_vllm(cfg, world_size)
     countdown_only = {
         "scope.guide=oracle": cfg.scope.enabled and cfg.scope.guide == "oracle",
         "guide.prm=oracle": cfg.guide.prm == "oracle" and cfg.scope.enabled,
@@ -291,7 +292,31 @@ def check_wired(cfg: RunConfig) -> None:
             raise ConfigError("guide.prm=model scores with pipeline parallel size 1; set parallel.pp=1")
 
 
-def build_prm(cfg: RunConfig, device: torch.device, is_driver: bool):
+def check_vllm(cfg: RunConfig, world_size: int | None) -> None:
+    """What vLLM cannot serve as configured: its TP against the world size and the policy's (and an
+    engine guide's) heads, CPU attention's head sizes, FP8 weights without CUDA. The guide is served
+    by a second engine at the policy engine's TP (vLLM keeps one TP layout per process)."""
+    from scope_mega.rollout.vllm_engine import vllm_support_problem
+    from scope_mega.runtime.distributed import resolve_device
+
+    tp = cfg.rollout.vllm_tensor_parallel_size
+    if world_size is not None and world_size % tp:
+        raise ConfigError(
+            f"rollout.vllm_tensor_parallel_size={tp} must divide the world size {world_size} "
+            "(vLLM runs world / TP replicas, one worker on every rank)"
+        )
+    on_cpu = resolve_device(cfg.device).type == "cpu"
+    if on_cpu and cfg.rollout.vllm_fp8_weights:
+        raise ConfigError("rollout.vllm_fp8_weights needs CUDA (vLLM's CPU build cannot serve FP8)")
+    models = {"the policy": cfg.model.hf_config}
+    if cfg.scope.enabled and cfg.scope.guide == "engine" and cfg.guide.guide_model:
+        models["the guide (guide.guide_model)"] = cfg.guide.guide_model
+    for what, source in models.items():
+        if problem := vllm_support_problem(load_hf_config(source), tp, on_cpu):
+            raise ConfigError(f"rollout.engine=vllm cannot serve {what}: {problem}")
+
+
+def build_prm(cfg: RunConfig, device: torch.device, served: Served):
     """SCOPE's PRM: Countdown's exact step checker, or a Megatron PRM loaded on every rank of the
     model-parallel group (TP-sharded like the policy), driven by the group's driver (`ServedPRM`)."""
     if cfg.guide.prm == "oracle":
@@ -316,22 +341,51 @@ def build_prm(cfg: RunConfig, device: torch.device, is_driver: bool):
     model, spec = build_prm_model(model_cfg, cfg.parallel, device)
     load_prm_weights(path, model, spec)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path / "hf", local_files_only=True)
-    return ServedPRM(MegatronPRM(model, tokenizer), is_driver)
+    return ServedPRM(MegatronPRM(model, tokenizer), served)
 
 
-def build_guide(cfg: RunConfig, task: Task):
-    """The SCOPE/LUFFY guide and, for an engine guide, its engine: a second engine serving
-    `guide.guide_model` (same tokenizer as the policy), sampling with the rollout settings."""
-    engine = None
+def rollout_model_dir(cfg: RunConfig) -> Path:
+    """A model directory for the policy's vLLM engine: the resolved HF config (vocab from the task's
+    tokenizer), no weights -- vLLM starts from dummy ones, replaced by the first sync before any
+    generate. Every rank writes its own copy and renames it into place (identical content)."""
+    out = Path(cfg.run_dir) / "rollout_model"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".config.json.{dist.get_rank()}"
+    load_hf_config(cfg.model.hf_config).to_json_file(tmp)
+    tmp.replace(out / "config.json")
+    return out
+
+
+def build_engine(cfg: RunConfig, task: Task, model, name: str, served: Served):
+    """The engine serving `model` (the policy's config, or the guide's model directory) as this rank
+    holds it, and as its driver generates with it: the transformers engine on drivers only (others:
+    None, None); vLLM on every rank, a `CollectiveEngine` for the driver."""
+    kwargs = dict(decode=task.tokenizer.decode, eos_token_ids=task.stop_token_ids)
+    if cfg.rollout.engine == "hf":
+        engine = make_engine("hf", model, **kwargs) if served.is_driver else None
+        return engine, engine
+    from scope_mega.rollout.collective import CollectiveEngine
+
+    local = make_engine(
+        "vllm",
+        model,
+        tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size,
+        gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+        quantization="fp8" if cfg.rollout.vllm_fp8_weights else None,
+        seed=cfg.seed,
+        **kwargs,
+    )
+    return local, CollectiveEngine(local, served, name)
+
+
+def build_guide(cfg: RunConfig, task: Task, served: Served):
+    """The SCOPE/LUFFY guide and, for an engine guide, this rank's engine for it: a second engine
+    serving `guide.guide_model` (same tokenizer as the policy), sampling with the rollout settings."""
+    local = engine = None
     if cfg.scope.guide == "engine":
-        from scope_mega.rollout.engine import make_engine
-
-        engine = make_engine(
-            cfg.rollout.engine,
-            cfg.guide.guide_model,
-            decode=task.tokenizer.decode,
-            eos_token_ids=task.stop_token_ids,
-        )
+        local, engine = build_engine(cfg, task, cfg.guide.guide_model, "guide", served)
+    if not served.is_driver:
+        return None, local
     guide = make_guide(
         cfg.scope.guide,
         delimiter=cfg.scope.step_delimiter,
@@ -339,7 +393,7 @@ def build_guide(cfg: RunConfig, task: Task):
         oracle_ops=cfg.task.ops,
         seed=cfg.seed,
     )
-    return guide, engine
+    return guide, local
 
 
 def build_reference(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
@@ -390,7 +444,7 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     """The RL stage; returns the final evaluation metrics. Exits with PREEMPTED_EXIT_CODE on a stop signal."""
     from megatron.core import parallel_state
 
-    check_wired(cfg)
+    check_wired(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     device = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.device, cfg.seed)
     preemption.install_handlers()
     task = build_task(cfg)
@@ -417,21 +471,16 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     reference = build_reference(cfg, device) if cfg.loss.kl_coef > 0 else None
 
     scope_on = cfg.scope.enabled and cfg.scope.active_method != "grpo"
-    prm = build_prm(cfg, device, is_driver) if scope_on else None
-    engine = guide = guide_engine = None
-    if is_driver:
-        from scope_mega.rollout.engine import make_engine
-
-        engine = make_engine(
-            cfg.rollout.engine,
-            cfg.model.hf_config,
-            decode=task.tokenizer.decode,
-            eos_token_ids=task.stop_token_ids,
-        )
-        if scope_on:
-            guide, guide_engine = build_guide(cfg, task)
+    served = Served(is_driver)
+    prm = build_prm(cfg, device, served) if scope_on else None
+    vllm = cfg.rollout.engine == "vllm"
+    # engine: this rank's (None on an hf engine's non-drivers); policy: what the driver generates with
+    source = rollout_model_dir(cfg) if vllm else cfg.model.hf_config
+    engine, policy = build_engine(cfg, task, source, "policy", served)
+    guide, guide_engine = build_guide(cfg, task, served) if scope_on else (None, None)
+    engines = [e for e in (engine, guide_engine) if e is not None]
     bucket = cfg.rollout.sync_bucket_mb << 20
-    sync_weights(engine, state.model[0], spec, bucket)
+    sync_weights(engine, state.model[0], spec, bucket, every_rank=vllm)
 
     config_dict = to_dict(cfg)
     logger = MetricsLogger(
@@ -445,14 +494,29 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     )
     my_eval = task.eval[dp_rank::dp]  # each replica's driver evaluates its share
 
-    def run_eval(step: int) -> dict[str, float]:
-        metrics = None
+    def driven(work):
+        """`work()` on the driver while the group's other ranks serve its collective calls, with this
+        rank's engines awake; the driver's result, broadcast to the group."""
+        for e in engines:
+            e.wake_up()
+        result = None
         if is_driver:
-            engine.wake_up()
-            mine = evaluate(engine, task, my_eval, cfg.seed + 99) if my_eval else {}
-            engine.sleep()
-            metrics = weighted_mean(_gather_drivers((mine, len(my_eval))))
-        metrics = _driver_broadcast(metrics, is_driver)
+            try:
+                result = work()
+            finally:
+                served.release()
+        else:
+            served.serve()
+        for e in engines:
+            e.sleep()
+        return _driver_broadcast(result, is_driver)
+
+    def run_eval(step: int) -> dict[str, float]:
+        def work():
+            mine = evaluate(policy, task, my_eval, cfg.seed + 99)
+            return weighted_mean(_gather_drivers((mine, len(my_eval))))
+
+        metrics = driven(work)
         logger.log(step, metrics)
         return metrics
 
@@ -465,24 +529,15 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         rng = random.Random(cfg.seed * 1_000_003 + trainer.step)
         batch = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rl.prompts_per_step)]
         mine = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        payload = None
-        if is_driver:
-            try:
-                seed = cfg.seed + trainer.step * 9973 + dp_rank
-                payload = rollout_and_rectify(engine, guide_engine, guide, prm, task, mine, seed)
-            finally:
-                if isinstance(prm, ServedPRM):
-                    prm.release()
-        elif isinstance(prm, ServedPRM):
-            prm.serve()
-        samples, metrics = _driver_broadcast(payload, is_driver)
+        seed = cfg.seed + trainer.step * 9973 + dp_rank
+        samples, metrics = driven(partial(rollout_and_rectify, policy, guide, prm, task, mine, seed))
         # 4-6. reference logprobs, advantages already in the samples, one optimizer step
         micro = to_micro_batches(samples, cfg.rl.micro_batch_size, task.tokenizer.pad_id)
         if reference is not None:
             store_logprobs([reference], spec.vocab_size, micro, "ref_logprobs")
         metrics.update(train_step(state, micro, partial(rl_loss, cfg.loss), need_entropy=True))
         # 7. weights to the engine
-        sync_weights(engine, state.model[0], spec, bucket)
+        sync_weights(engine, state.model[0], spec, bucket, every_rank=vllm)
         # 8. log, evaluate, checkpoint
         trainer.step += 1
         trainer.data_position = trainer.step * cfg.rl.prompts_per_step

@@ -51,11 +51,12 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# head size 32: the smallest vLLM's CPU attention runs, so the kit serves through vLLM too
 MODEL_SHAPE = dict(
-    hidden_size=32,
+    hidden_size=64,
     intermediate_size=64,
     num_hidden_layers=2,
-    num_attention_heads=4,
+    num_attention_heads=2,
     num_key_value_heads=2,
     max_position_embeddings=512,
     rms_norm_eps=1e-6,

@@ -22,6 +22,7 @@ import torch
 from scope_mega.config import ConfigError, ModelConfig, ParallelConfig
 from scope_mega.models import arch
 from scope_mega.models.gpt import ModelSpec, layer_spec
+from scope_mega.runtime.served import Served
 from scope_mega.scope.prm import PRM
 
 STEP_SEPARATOR = "<extra_0>"
@@ -261,39 +262,14 @@ class MegatronPRM(PRM):
 
 
 class ServedPRM(PRM):
-    """A `MegatronPRM` driven from the first rank (the driver) of its model-parallel group.
+    """A `MegatronPRM` driven from its model-parallel group's driver: `score_batch` on the driver runs
+    the same TP-collective forward on the group's other ranks, which sit in `served.serve()`. So a
+    driver-side algorithm (SCOPE's rectification) can use a TP-sharded PRM."""
 
-    The driver calls `score_batch` as usual; each call first sends its inputs to the group's other
-    ranks, which sit in `serve()` running the same forward (TP is collective) until the driver calls
-    `release()`. So a driver-side algorithm (SCOPE's rectification) can use a TP-sharded PRM.
-    """
-
-    def __init__(self, prm: MegatronPRM, is_driver: bool) -> None:
-        from megatron.core import parallel_state
-
+    def __init__(self, prm: MegatronPRM, served: Served) -> None:
         self.prm = prm
-        self.is_driver = is_driver
-        self.group = parallel_state.get_model_parallel_group()
-        self.src = torch.distributed.get_global_rank(self.group, 0)
-
-    def _exchange(self, request):
-        if torch.distributed.get_world_size(self.group) == 1:
-            return request
-        box = [request]
-        torch.distributed.broadcast_object_list(box, src=self.src, group=self.group)
-        return box[0]
+        self.served = served
+        served.register("prm", prm.score_batch)
 
     def score_batch(self, questions: Sequence[str], steps: Sequence[Sequence[str]]) -> list[list[float]]:
-        if not self.is_driver:
-            raise RuntimeError("ServedPRM.score_batch runs on the driver; the other ranks call serve()")
-        self._exchange((list(questions), [list(s) for s in steps]))
-        return self.prm.score_batch(questions, steps)
-
-    def release(self) -> None:
-        """Driver: end the other ranks' `serve()`."""
-        self._exchange(None)
-
-    def serve(self) -> None:
-        """Non-driver ranks: run the driver's PRM calls until it releases the group."""
-        while (request := self._exchange(None)) is not None:
-            self.prm.score_batch(*request)
+        return self.served.call("prm", list(questions), [list(s) for s in steps])

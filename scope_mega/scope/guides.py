@@ -115,8 +115,7 @@ class EngineGuide(Guide):
         self.engine = engine
 
     def continue_batch(self, requests: Sequence[GuideRequest]) -> list[GuideOutput | None]:
-        if not requests:
-            return []
+        # an empty batch still reaches the engine: a collective engine needs every driver's call
         outs = self.engine.continue_prefixes([r.prompt_ids + r.prefix_ids for r in requests])
         if len(outs) != len(requests):
             raise ValueError(f"engine returned {len(outs)} continuations for {len(requests)} prefixes")

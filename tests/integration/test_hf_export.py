@@ -17,6 +17,7 @@ from scope_mega.runtime.spawn import spawn_local
 
 pytestmark = [pytest.mark.slow]
 
+
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(folder.glob("*.safetensors")):

@@ -31,8 +31,17 @@ def _build_kit(out: Path) -> dict[str, Path]:
     return module.build_kit(out)
 
 
-def test_math_rl_with_model_prm_engine_guide_kl_and_clip(tmp_path):
-    kit = _build_kit(tmp_path / "kit")
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    return _build_kit(tmp_path_factory.mktemp("math") / "kit")
+
+
+# vllm: the policy and the guide are two vLLM engines at TP=2 on both ranks, the PRM is Megatron's
+ENGINES = {"hf": [], "vllm": ["rollout.engine=vllm", "rollout.vllm_tensor_parallel_size=2"]}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_math_rl_with_model_prm_engine_guide_kl_and_clip(kit, engine, tmp_path):
     run = tmp_path / "run"
     cmd = [
         str(Path(sys.executable).with_name("torchrun")),
@@ -55,6 +64,7 @@ def test_math_rl_with_model_prm_engine_guide_kl_and_clip(tmp_path):
         f"guide.prm_path={kit['prm_megatron']}",
         f"guide.guide_model={kit['guide']}",
         "checkpoint.export_hf=final",
+        *ENGINES[engine],
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)

@@ -77,11 +77,33 @@ def test_trainer_refuses_what_it_cannot_run(capsys):
         (["loss.off_policy=clip"], "loss.off_policy=clip needs the guide's logprobs"),
         (["scope.guide=engine"], "scope.guide=engine needs guide.guide_model"),
         (["data.task=math"], "scope.guide=oracle is Countdown's"),
-        (["rollout.engine=vllm"], "rollout.engine=vllm is not wired"),
+        (["rollout.engine=vllm", "rollout.vllm_fp8_weights=true"], "rollout.vllm_fp8_weights needs CUDA"),
+        (
+            ["rollout.engine=vllm", "rollout.vllm_tensor_parallel_size=2"],
+            "rollout.vllm_tensor_parallel_size=2 must divide the world size 1",
+        ),
+        (
+            ["rollout.engine=vllm", "model.hf_config.num_attention_heads=8"],
+            "rollout.engine=vllm cannot serve the policy: vLLM's CPU attention cannot run head size 16",
+        ),
+        (
+            [
+                "rollout.engine=vllm",
+                *("model.hf_config.hidden_size=192", "model.hf_config.num_attention_heads=6"),
+                *("model.hf_config.num_key_value_heads=3", "rollout.vllm_tensor_parallel_size=2"),
+                "WORLD=2",
+            ],
+            "rollout.engine=vllm cannot serve the policy: vLLM tensor parallel size 2 neither divides the "
+            "model's 3 KV heads",
+        ),
         (["guide.prm=model"], "guide.prm=model needs guide.prm_path"),
         (["guide.prm=model", "guide.prm_path=/x", "parallel.pp=2"], "guide.prm=model scores with pipeline"),
     ]:
-        code = main(["train", str(TINY), *overrides, "run_dir=/nonexistent/never-written"])
+        world = [o for o in overrides if o.startswith("WORLD=")]
+        overrides = [o for o in overrides if o not in world]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("WORLD_SIZE", world[0].split("=")[1] if world else "1")
+            code = main(["train", str(TINY), *overrides, "run_dir=/nonexistent/never-written"])
         err = capsys.readouterr().err.strip()
         assert code == CONFIG_ERROR_EXIT_CODE and err.startswith(f"config error: {fragment}"), err
 

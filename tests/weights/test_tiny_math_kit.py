@@ -96,7 +96,7 @@ def test_hf_models_load(kit):
         assert type(model).__name__ == "Qwen2ForCausalLM"
         cfg = model.config
         shape = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads)
-        assert shape == (32, 64, 2, 4) and cfg.num_key_value_heads == 2
+        assert shape == (64, 64, 2, 2) and cfg.num_key_value_heads == 2
         assert (cfg.vocab_size, cfg.max_position_embeddings, cfg.tie_word_embeddings) == (vocab, 512, False)
         assert model.dtype == torch.float32
     assert not torch.equal(policy.lm_head.weight, guide.lm_head.weight)
