@@ -46,11 +46,12 @@ def _cmd_train(args) -> int:
 
         cfg, target, refusal = load_config_for_target(args.config, args.overrides, args.target)
         _print_config(cfg)
-        print(format_plan(make_plan(cfg, target, args.world_size, args.gpu_memory_gib, refusal)))
+        plan = make_plan(cfg, target, args.world_size, args.gpu_memory_gib, refusal)
+        print(format_plan(plan))
         from scope_mega.trainer import check_wired
 
         try:
-            check_wired(cfg)
+            check_wired(cfg, plan.world_size, target)
         except ConfigError as err:  # the layout is valid, but this trainer cannot run it yet
             print(f"trainer: not runnable as configured: {err}")
         return 0

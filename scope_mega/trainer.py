@@ -259,11 +259,11 @@ def evaluate(engine, task: Task, prompts: list[Prompt], seed: int) -> dict[str, 
 # ----------------------------------------------------------------------------- roles
 
 
-def check_wired(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Refuse, before any process starts work, combinations the trainer cannot run (`world_size`:
-    the launch's, where known)."""
+def check_wired(cfg: RunConfig, world_size: int | None = None, target: str | None = None) -> None:
+    """Refuse, before any process starts work, combinations the trainer cannot run. `world_size`: the
+    launch's, where known; `target`: the device kind a `--dry-run` plans for (None: this machine's)."""
     if cfg.rollout.engine == "vllm":
-        check_vllm(cfg, world_size)
+        check_vllm(cfg, world_size, target)
     countdown_only = {
         "scope.guide=oracle": cfg.scope.enabled and cfg.scope.guide == "oracle",
         "guide.prm=oracle": cfg.guide.prm == "oracle" and cfg.scope.enabled,
@@ -292,10 +292,11 @@ def check_wired(cfg: RunConfig, world_size: int | None = None) -> None:
             raise ConfigError("guide.prm=model scores with pipeline parallel size 1; set parallel.pp=1")
 
 
-def check_vllm(cfg: RunConfig, world_size: int | None) -> None:
+def check_vllm(cfg: RunConfig, world_size: int | None, target: str | None = None) -> None:
     """What vLLM cannot serve as configured: its TP against the world size and the policy's (and an
     engine guide's) heads, CPU attention's head sizes, FP8 weights without CUDA. The guide is served
-    by a second engine at the policy engine's TP (vLLM keeps one TP layout per process)."""
+    by a second engine at the policy engine's TP (vLLM keeps one TP layout per process). A plan for
+    another machine (`target`) skips a guide whose directory is not on this one."""
     from scope_mega.rollout.vllm_engine import vllm_support_problem
     from scope_mega.runtime.distributed import resolve_device
 
@@ -305,12 +306,13 @@ def check_vllm(cfg: RunConfig, world_size: int | None) -> None:
             f"rollout.vllm_tensor_parallel_size={tp} must divide the world size {world_size} "
             "(vLLM runs world / TP replicas, one worker on every rank)"
         )
-    on_cpu = resolve_device(cfg.device).type == "cpu"
+    on_cpu = (target or resolve_device(cfg.device).type) == "cpu"
     if on_cpu and cfg.rollout.vllm_fp8_weights:
         raise ConfigError("rollout.vllm_fp8_weights needs CUDA (vLLM's CPU build cannot serve FP8)")
     models = {"the policy": cfg.model.hf_config}
-    if cfg.scope.enabled and cfg.scope.guide == "engine" and cfg.guide.guide_model:
-        models["the guide (guide.guide_model)"] = cfg.guide.guide_model
+    guide = cfg.guide.guide_model if cfg.scope.enabled and cfg.scope.guide == "engine" else None
+    if guide and (target is None or (Path(guide) / "config.json").is_file()):
+        models["the guide (guide.guide_model)"] = guide
     for what, source in models.items():
         if problem := vllm_support_problem(load_hf_config(source), tp, on_cpu):
             raise ConfigError(f"rollout.engine=vllm cannot serve {what}: {problem}")
@@ -403,6 +405,21 @@ def build_reference(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
     reference.eval()
     reference.requires_grad_(False)
     return reference
+
+
+def phase_memory(phase: str, device: torch.device) -> dict[str, float]:
+    """On CUDA, this rank's GPU memory in the phase that just ended: the peak the PyTorch allocator
+    held (the trainer; vLLM's own pool is not in it) and the device's use at its end (everything,
+    vLLM included), in GiB; then the peak is reset for the next phase. Nothing on CPU."""
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info()
+    out = {
+        f"memory/{phase}_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        f"memory/{phase}_used_gib": (total - free) / 2**30,
+    }
+    torch.cuda.reset_peak_memory_stats()
+    return out
 
 
 def _driver_broadcast(obj, is_driver: bool):
@@ -531,13 +548,16 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         mine = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         seed = cfg.seed + trainer.step * 9973 + dp_rank
         samples, metrics = driven(partial(rollout_and_rectify, policy, guide, prm, task, mine, seed))
+        memory = phase_memory("rollout", device)
         # 4-6. reference logprobs, advantages already in the samples, one optimizer step
         micro = to_micro_batches(samples, cfg.rl.micro_batch_size, task.tokenizer.pad_id)
         if reference is not None:
             store_logprobs([reference], spec.vocab_size, micro, "ref_logprobs")
         metrics.update(train_step(state, micro, partial(rl_loss, cfg.loss), need_entropy=True))
+        memory.update(phase_memory("update", device))
         # 7. weights to the engine
         sync_weights(engine, state.model[0], spec, bucket, every_rank=vllm)
+        metrics.update(memory, **phase_memory("sync", device))
         # 8. log, evaluate, checkpoint
         trainer.step += 1
         trainer.data_position = trainer.step * cfg.rl.prompts_per_step
