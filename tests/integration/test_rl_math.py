@@ -98,3 +98,38 @@ def test_math_rl_with_model_prm_engine_guide_kl_and_clip(kit, engine, tmp_path):
     assert exported.encode(text) == trained.encode(text) and exported.vocab_size == trained.vocab_size
     gen = transformers.GenerationConfig.from_pretrained(run / "hf")
     assert gen.eos_token_id == trained.stop_token_ids and gen.pad_token_id == trained.pad_id
+
+
+def test_eval_cli_serves_through_vllm_as_through_transformers(kit, tmp_path):
+    """`scope-mega eval --engine vllm` runs and scores as the transformers engine does. The kit's random
+    policy extracts no answers, so this checks the plumbing; tests/rollout/test_vllm_engine.py shows
+    the greedy tokens themselves equal."""
+    results = {}
+    for engine in ENGINES:
+        out = tmp_path / f"{engine}.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "scope_mega.cli",
+            "eval",
+            "--model",
+            str(kit["policy"]),
+            "--engine",
+            engine,
+        ]
+        cmd += [
+            "--benchmarks",
+            str(REPO / "data/benchmarks/gsm8k.jsonl"),
+            "--limit",
+            "4",
+            "-n",
+            "1",
+            "-k",
+            "1",
+        ]
+        cmd += ["--temperature", "0", "--max-new-tokens", "24", "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[engine] = json.loads(out.read_text())
+    assert results["vllm"] == results["hf"]
