@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scope_mega.config import ConfigError, load_config
+from scope_mega.config import ConfigError
+from scope_mega.validation import load_config
 
 CONFIG_ERROR_EXIT_CODE = 2
 

@@ -1,7 +1,9 @@
-"""Typed run configuration: dataclasses, YAML loading, dotted `key=value` overrides, validation.
+"""Typed run configuration: dataclasses, YAML loading, dotted `key=value` overrides, field checks.
 
 Every error a user can make in a config raises `ConfigError` with a one-line message that names the
-key and the fix; the CLI prints that line and exits with status 2 (no traceback).
+key and the fix; the CLI prints that line and exits with status 2 (no traceback). This module sits
+at the bottom of the import graph: checks that need the model architecture or the device live in
+`validation`, above it.
 """
 
 from __future__ import annotations
@@ -275,8 +277,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML file, apply dotted overrides, build and validate a `RunConfig`."""
+def parse_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file, apply dotted overrides, build a `RunConfig` with every field checked
+    (types, choices, ranges); `validation.load_config` adds the checks that need the architecture."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -288,47 +291,4 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p} must contain a mapping at the top level")
-    cfg = from_dict(RunConfig, apply_overrides(data, list(overrides)))
-    validate(cfg)
-    return cfg
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that need the resolved architecture (heads vs TP, layers vs PP, FP8 vs TE)."""
-    from scope_mega.models.arch import load_hf_config
-
-    par = cfg.parallel
-    if par.cp != 1:
-        raise ConfigError("parallel.cp > 1 (context parallel) is not supported yet; set parallel.cp=1")
-    hf = load_hf_config(cfg.model.hf_config)
-    heads, kv = hf.num_attention_heads, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    if heads % par.tp:
-        raise ConfigError(
-            f"parallel.tp={par.tp} does not divide num_attention_heads={heads}; choose a divisor of {heads}"
-        )
-    if kv % par.tp:
-        raise ConfigError(
-            f"parallel.tp={par.tp} does not divide num_key_value_heads={kv} (KV groups); "
-            f"choose a divisor of {kv}"
-        )
-    if hf.num_hidden_layers % par.pp:
-        raise ConfigError(
-            f"parallel.pp={par.pp} does not divide num_hidden_layers={hf.num_hidden_layers}; "
-            f"choose a divisor of {hf.num_hidden_layers}"
-        )
-    from scope_mega.models.arch import check_transformer_impl
-    from scope_mega.runtime.distributed import resolve_device
-
-    try:
-        device = resolve_device(cfg.device)
-    except RuntimeError as e:
-        raise ConfigError(str(e)) from None
-    check_transformer_impl(cfg.model, device)
-    if cfg.sft.global_batch_size % cfg.sft.micro_batch_size:
-        raise ConfigError(
-            f"sft.global_batch_size={cfg.sft.global_batch_size} is not a multiple of "
-            f"sft.micro_batch_size={cfg.sft.micro_batch_size}"
-        )
+    return from_dict(RunConfig, apply_overrides(data, list(overrides)))

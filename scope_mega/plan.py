@@ -4,7 +4,7 @@
 
 Target device. A cluster config (`device: auto` or `cuda`) is validated *as if on a CUDA node*
 (`--target cuda`, the default for such configs) so that it can be checked on a CPU login node: every
-structural check of `config.validate` runs (heads/KV groups vs TP, layers vs PP, batch divisibility),
+structural check of `validation.validate` runs (heads/KV groups vs TP, layers vs PP, batch divisibility),
 with the device-dependent part evaluated for CUDA: `transformer_impl: auto` resolves to Transformer
 Engine (the `[gpu]` extra is assumed installed there), FP8 is accepted with TE and rejected with
 `transformer_impl: local`, and FP8 GEMM shapes must be multiples of 16. The plan then also says
@@ -48,7 +48,8 @@ from typing import Any
 
 import yaml
 
-from scope_mega.config import ConfigError, RunConfig, apply_overrides, from_dict, load_config, validate
+from scope_mega.config import ConfigError, RunConfig, apply_overrides, from_dict
+from scope_mega.validation import load_config, validate
 
 GIB = 1024**3
 
@@ -57,7 +58,7 @@ GIB = 1024**3
 
 
 def _target_check(cfg: RunConfig, target: str) -> None:
-    """Device-dependent checks of `config.validate`, evaluated for `target` instead of this machine."""
+    """Device-dependent checks of `validation.validate`, evaluated for `target` instead of this machine."""
     from scope_mega.models.arch import load_hf_config
 
     if target == "cuda":
@@ -89,7 +90,7 @@ def load_config_for_target(
     else cpu. `refusal_here` is the ConfigError a real run on this machine would stop with (None if
     it would start). Structural mistakes raise ConfigError as `load_config` does."""
     overrides = list(overrides)
-    # Everything that does not depend on the device (and file/YAML errors), checked by config.validate.
+    # Everything that does not depend on the device (and file/YAML errors), checked by validation.validate.
     load_config(path, [*overrides, *_DEVICE_NEUTRAL])
     data = yaml.safe_load(Path(path).read_text()) or {}
     cfg = from_dict(RunConfig, apply_overrides(data, overrides))

@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from scope_mega.config import ModelConfig, ParallelConfig, RunConfig, validate
+from scope_mega.config import ModelConfig, ParallelConfig, RunConfig
 from scope_mega.models import arch
+from scope_mega.validation import validate
 from scope_mega.weights import files
 from scope_mega.weights.mapping import (
     LAYER_PREFIX_MEGATRON,

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from scope_mega.cli import CONFIG_ERROR_EXIT_CODE, main
-from scope_mega.config import ConfigError, RunConfig, load_config
+from scope_mega.config import ConfigError, RunConfig
+from scope_mega.validation import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "tiny_cpu.yaml"
