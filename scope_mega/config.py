@@ -128,6 +128,10 @@ class RolloutConfig(Checked):
     vllm_tensor_parallel_size: int = field(default=1, metadata=ge(1))
     vllm_gpu_memory_utilization: float = field(default=0.5, metadata=between(0, 1, lo_open=True))
     vllm_fp8_weights: bool = False
+    # CUDA: what sleep releases while the trainer runs -- 1 offloads the weights to host memory and drops
+    # the KV cache, 2 drops both (the next sync rewrites every weight anyway; a guide engine, never
+    # re-synced, always sleeps at level 1); vLLM's CPU build cannot sleep
+    vllm_sleep_level: int = field(default=1, metadata=between(1, 2))
 
 
 @dataclass

@@ -374,6 +374,7 @@ def build_engine(cfg: RunConfig, task: Task, model, name: str, served: Served):
         tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size,
         gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
         quantization="fp8" if cfg.rollout.vllm_fp8_weights else None,
+        sleep_level=cfg.rollout.vllm_sleep_level if name == "policy" else 1,  # a guide is never re-synced
         seed=cfg.seed,
         **kwargs,
     )
