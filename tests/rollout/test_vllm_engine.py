@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from _tiny_config import TINY
+from _tiny_config import SERVABLE, TINY
 
 from scope_mega.rollout import SamplingParams, WeightSyncError, make_engine
 from scope_mega.rollout.vllm_engine import (
@@ -27,17 +27,6 @@ CONFIGS = {
     "qwen2-tied": dict(model_type="qwen2", tie_word_embeddings=True, **TINY),
     "qwen3": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=False, **TINY),
 }
-# what vLLM's CPU attention runs: head size 32 (hidden 64 / 2 heads); the LM head tied to the embedding
-SERVABLE = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
-)
 
 
 def decode(ids):
