@@ -117,7 +117,10 @@ def test_truncated_sampling_reports_the_truncated_distribution():
                         break
                 assert tok in kept
                 expected = torch.log(probs[tok] / probs[kept].sum()).item()
-                assert abs(lp - expected) <= 1e-5
+                # fp32: the cached decode's logits and a full forward's differ by up to 1e-5 (the
+                # untruncated test above); temperature 0.7 scales that by 1/0.7, and renormalising over
+                # the kept set can add as much again. A wrong truncation is off by log(kept mass) ~ 0.1.
+                assert abs(lp - expected) <= 2 * 1e-5 / 0.7
 
 
 def test_seeds_are_reproducible_and_distinct():
