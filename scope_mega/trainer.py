@@ -381,22 +381,17 @@ def build_engine(cfg: RunConfig, task: Task, model, name: str, served: Served):
     return local, CollectiveEngine(local, served, name)
 
 
-def build_guide(cfg: RunConfig, task: Task, served: Served):
-    """The SCOPE/LUFFY guide and, for an engine guide, this rank's engine for it: a second engine
-    serving `guide.guide_model` (same tokenizer as the policy), sampling with the rollout settings."""
-    local = engine = None
-    if cfg.scope.guide == "engine":
-        local, engine = build_engine(cfg, task, cfg.guide.guide_model, "guide", served)
-    if not served.is_driver:
-        return None, local
-    guide = make_guide(
+def step_guide(cfg: RunConfig, task: Task, engine, seed: int):
+    """The SCOPE/LUFFY guide for one step: Countdown's solver, or a teacher served by `engine` (the
+    driver's view of the engine for `guide.guide_model`, same tokenizer as the policy), sampling with
+    the rollout settings. Seeded by the step, so a resumed run draws what the straight run drew."""
+    return make_guide(
         cfg.scope.guide,
         delimiter=cfg.scope.step_delimiter,
-        engine=None if engine is None else SampledContinuer(engine, sampling_params(cfg, task, 1, cfg.seed)),
+        engine=None if engine is None else SampledContinuer(engine, sampling_params(cfg, task, 1, seed)),
         oracle_ops=cfg.task.ops,
-        seed=cfg.seed,
+        seed=seed,
     )
-    return guide, local
 
 
 def build_reference(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
@@ -495,7 +490,9 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     # engine: this rank's (None on an hf engine's non-drivers); policy: what the driver generates with
     source = rollout_model_dir(cfg) if vllm else cfg.model.hf_config
     engine, policy = build_engine(cfg, task, source, "policy", served)
-    guide, guide_engine = build_guide(cfg, task, served) if scope_on else (None, None)
+    guide_engine = guide_driver = None  # this rank's engine for an engine guide; the driver's view
+    if scope_on and cfg.scope.guide == "engine":
+        guide_engine, guide_driver = build_engine(cfg, task, cfg.guide.guide_model, "guide", served)
     engines = [e for e in (engine, guide_engine) if e is not None]
     bucket = cfg.rollout.sync_bucket_mb << 20
     sync_weights(engine, state.model[0], spec, bucket, every_rank=vllm)
@@ -548,6 +545,7 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         batch = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rl.prompts_per_step)]
         mine = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         seed = cfg.seed + trainer.step * 9973 + dp_rank
+        guide = step_guide(cfg, task, guide_driver, seed) if scope_on and is_driver else None
         samples, metrics = driven(partial(rollout_and_rectify, policy, guide, prm, task, mine, seed))
         memory = phase_memory("rollout", device)
         # 4-6. reference logprobs, advantages already in the samples, one optimizer step
