@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	set -e; if [ -n "$(VLLM_SPEC)" ]; then \
-	  $(PY) -m pip freeze | grep -qixF "$(VLLM_SPEC)" || $(PY) -m pip install -q "$(VLLM_SPEC)"; \
+	  $(PY) -m pip freeze | grep -ixF "$(VLLM_SPEC)" >/dev/null || $(PY) -m pip install -q "$(VLLM_SPEC)"; \
 	  $(PY) -m pip uninstall -y -q $(VLLM_CPU_REMOVE); \
 	  $(PY) -c "import vllm, transformers; from transformers import LlamaForCausalLM"; \
 	fi
