@@ -7,6 +7,8 @@ arena, and over the process group when a rank cannot create shared memory; and i
 
 import gc
 import os
+import secrets
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -136,7 +138,7 @@ def _layout(tp: int, pp: int, seed: int, hf_dict: dict) -> None:
     # on the process-group path
     release_shared_memory()
     if dist.get_rank() == 1:
-        shm.SHM_DIR = "/nonexistent"
+        shm.SHM_DIR = os.path.join(tempfile.gettempdir(), f"scope_mega_absent_{secrets.token_hex(8)}")
     _check(_collect(gather_hf_weights(model, spec, BUCKET)), ref, driver, f"{where} fallback")
     assert dist.get_rank() > 1 or shm.held_bytes() == 0
     shm.SHM_DIR = "/dev/shm"

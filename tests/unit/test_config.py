@@ -72,7 +72,7 @@ def test_cli_prints_no_traceback():
     assert proc.stderr.strip().splitlines()[-1].startswith("config error: parallel.pp=3")
 
 
-def test_trainer_refuses_what_it_cannot_run(capsys):
+def test_trainer_refuses_what_it_cannot_run(capsys, tmp_path):
     for overrides, fragment in [
         (["loss.kl_coef=0.1"], "loss.kl_coef > 0 needs the starting weights"),
         (["loss.off_policy=clip"], "loss.off_policy=clip needs the guide's logprobs"),
@@ -104,8 +104,9 @@ def test_trainer_refuses_what_it_cannot_run(capsys):
         overrides = [o for o in overrides if o not in world]
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("WORLD_SIZE", world[0].split("=")[1] if world else "1")
-            code = main(["train", str(TINY), *overrides, "run_dir=/nonexistent/never-written"])
+            code = main(["train", str(TINY), *overrides, f"run_dir={tmp_path / 'never-written'}"])
         err = capsys.readouterr().err.strip()
+        assert not (tmp_path / "never-written").exists(), f"{overrides}: refused only after starting work"
         assert code == CONFIG_ERROR_EXIT_CODE and err.startswith(f"config error: {fragment}"), err
 
 
