@@ -6,7 +6,10 @@ Two comparisons, each measured in this one run, on one random Llama (built local
    in process), on the same prompts and sampling (temperature 1, `n` samples each, no early stop:
    every completion runs to `--new-tokens`), best of `--repeats` after one warm-up call;
 2. the trainer->vLLM weight update (`update_weights` of every HF tensor: `reload_weights`, the CPU
-   re-pack and the prefix-cache reset) next to a memcpy of the same bytes into preallocated tensors.
+   re-pack and the prefix-cache reset) next to a memcpy of the same bytes into preallocated tensors;
+3. serving an engine guide: a second live vLLM engine (its build time and the resident memory it
+   adds, KV cache included) against swapping the guide's weights in and the policy's back into one
+   engine at every step (two updates).
 
     .venv/bin/python tools/bench_rollout.py --preset demo        # examples/tiny_cpu.yaml's policy
     .venv/bin/python tools/bench_rollout.py --preset llama-41m   # 8 layers, hidden 512, vocab 32k
@@ -15,10 +18,12 @@ Two comparisons, each measured in this one run, on one random Llama (built local
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import tempfile
 import time
 
+import psutil
 import torch
 import transformers
 
@@ -107,6 +112,21 @@ def main() -> None:
         print(f"   {'path':<26}{'seconds':>10}{'GiB/s':>10}{'vs memcpy':>12}")
         for name, seconds in (("memcpy", copy_s), ("vllm update_weights", update_s)):
             print(f"   {name:<26}{seconds:>10.4f}{nbytes / seconds / 2**30:>10.2f}{seconds / copy_s:>11.1f}x")
+
+        gc.collect()
+        rss = psutil.Process().memory_info().rss
+        start = time.perf_counter()
+        guide = make_engine("vllm", tmp, decode=decode, eos_token_ids=[])
+        build_s = time.perf_counter() - start
+        gc.collect()
+        added = psutil.Process().memory_info().rss - rss
+        guide.generate(prompts[:1], sampling)  # it serves
+        print("\n3. an engine guide")
+        print(f"   second engine: built in {build_s:.1f} s once, adds {added / 2**30:.2f} GiB resident")
+        print(
+            f"   swapping one engine: {2 * update_s:.3f} s every step (guide in, policy back), "
+            f"{2 * update_s / (tokens / rates['vllm']):.1%} of this rollout call"
+        )
 
 
 if __name__ == "__main__":
