@@ -34,6 +34,12 @@ OffPolicyMode = Literal["shaping", "clip"]
 
 Metrics = dict[str, tuple[Tensor, Tensor]]
 
+# Every log-ratio is clamped to +-LOG_RATIO_CLAMP before it is exponentiated, as verl does (core_algos:
+# the PPO ratio and the k3 KL). e^20 ~ 4.9e8 lies far past any clip bound or cap, so ordinary tokens are
+# untouched; a token whose logprobs disagree by more (stale or broken logprobs) can no longer add an e^|x|
+# loss and gradient (float32 overflows to inf past 88): past the clamp its gradient is 0.
+LOG_RATIO_CLAMP = 20.0
+
 
 @dataclass
 class PolicyLossConfig(Checked):
@@ -88,6 +94,12 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator) -
     return torch.exp(log_r) - log_r - 1.0
 
 
+def _clamped_exp(log_ratio: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """exp(log_ratio clamped to +-LOG_RATIO_CLAMP), and the tokens of `mask` where the clamp acted."""
+    clamped = mask & (log_ratio.detach().abs() > LOG_RATIO_CLAMP)
+    return torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)), clamped
+
+
 def _ppo_surrogate(ratio: Tensor, adv: Tensor, low: float, high: float) -> Tensor:
     """Per-token PPO loss -min(ratio * A, clip(ratio, 1 - low, 1 + high) * A)."""
     return torch.maximum(-ratio * adv, -torch.clamp(ratio, 1.0 - low, 1.0 + high) * adv)
@@ -121,9 +133,11 @@ def policy_loss(
 
     metrics: name -> (sum, count), detached float 0-dim tensors, so micro-batches and ranks
     aggregate by summing both before dividing. Keys always present: clip_frac_low, clip_frac_high,
-    ratio (on-policy tokens), off_policy_frac (over response tokens), off_policy_prob (mean p over
-    guide tokens); with their inputs: kl, entropy, rollout_mismatch (mean |old - rollout|),
-    tis_trunc_frac, off_clip_frac (off_policy == "clip").
+    ratio, log_ratio_clamp_frac (on-policy tokens), off_policy_frac (over response tokens),
+    off_policy_prob (mean p over guide tokens); with their inputs: kl, entropy, rollout_mismatch
+    (mean |old - rollout|, unclamped), tis_trunc_frac and tis_log_ratio_clamp_frac (tis_cap set),
+    off_clip_frac and off_log_ratio_clamp_frac (off_policy == "clip"). A *_log_ratio_clamp_frac
+    counts the tokens whose log-ratio lay beyond +-LOG_RATIO_CLAMP.
     """
     shape = logprobs.shape
     if logprobs.dim() != 2:
@@ -164,13 +178,15 @@ def policy_loss(
     old = old_logprobs.detach()
     metrics: Metrics = {}
 
-    ratio = torch.exp(masked(logprobs - old, on))
+    ratio, clamped = _clamped_exp(masked(logprobs - old, on), on)
+    metrics["log_ratio_clamp_frac"] = (clamped.sum(), on.sum())
     on_loss = _ppo_surrogate(ratio, adv, cfg.clip_low, cfg.clip_high)
     if rollout_logprobs is not None:
         mismatch = masked(old - rollout_logprobs.detach(), on)
         metrics["rollout_mismatch"] = (mismatch.abs().sum(), on.sum())
         if cfg.tis_cap is not None:
-            weight = torch.exp(mismatch)
+            weight, clamped = _clamped_exp(mismatch, on)
+            metrics["tis_log_ratio_clamp_frac"] = (clamped.sum(), on.sum())
             metrics["tis_trunc_frac"] = ((on & (weight > cfg.tis_cap)).sum(), on.sum())
             on_loss = on_loss * torch.clamp(weight, max=cfg.tis_cap)
 
@@ -178,7 +194,8 @@ def policy_loss(
     if cfg.off_policy == "shaping":
         off_loss = -adv * p_off / (p_off + cfg.shaping_gamma)
     else:
-        off_ratio = torch.exp(masked(logprobs - guide_logprobs.detach(), off))
+        off_ratio, clamped = _clamped_exp(masked(logprobs - guide_logprobs.detach(), off), off)
+        metrics["off_log_ratio_clamp_frac"] = (clamped.sum(), off.sum())
         off_loss = _ppo_surrogate(off_ratio, adv, cfg.off_policy_clip, cfg.off_policy_clip)
         low, high = _clipped(off_ratio.detach(), adv, off, cfg.off_policy_clip, cfg.off_policy_clip)
         metrics["off_clip_frac"] = ((low | high).sum(), off.sum())

@@ -1,0 +1,88 @@
+"""The policy loss at extreme log-ratios (float64, values computed by hand): every exponential sees a
+log-ratio clamped to +-LOG_RATIO_CLAMP (20, as verl), and the clamp metrics count exactly those tokens."""
+
+import math
+
+import torch
+
+from scope_mega.rl.loss import LOG_RATIO_CLAMP, PolicyLossConfig, policy_loss
+
+E20 = math.exp(20.0)
+
+
+def row(*values: float, dtype=torch.float64) -> torch.Tensor:
+    return torch.tensor([values], dtype=dtype)
+
+
+def on_policy(log_ratios, advs, cfg, dtype=torch.float64, **kwargs):
+    """One row of on-policy tokens with the given log-ratios lp - old (old = -1 everywhere)."""
+    old = torch.full((1, len(log_ratios)), -1.0, dtype=dtype)
+    lp = (old + row(*log_ratios, dtype=dtype)).requires_grad_(True)
+    mask = torch.ones(1, len(log_ratios), dtype=dtype)
+    loss_sum, _, metrics = policy_loss(
+        lp, old, row(*advs, dtype=dtype), mask, torch.zeros_like(mask), cfg, **kwargs
+    )
+    loss_sum.backward()
+    return loss_sum, lp.grad, metrics
+
+
+def counts(metrics, key):
+    return [v.item() for v in metrics[key]]
+
+
+def test_clamp_is_verls():
+    assert LOG_RATIO_CLAMP == 20.0
+
+
+def test_ppo_ratio_is_clamped():
+    # A=-1, lp - old = +24: the unclipped branch -A r wins; r = e^20 after the clamp, whose gradient is 0
+    #   (unclamped: loss = grad = e^24 = 2.6e10).
+    # A=+1, lp - old = -24: loss -e^-20, grad 0 (unclamped: -e^-24, grad -e^-24).
+    # A=-1, lp - old = +19.5: inside the clamp, loss = grad = e^19.5.
+    loss_sum, grad, metrics = on_policy([24.0, -24.0, 19.5], [-1.0, 1.0, -1.0], PolicyLossConfig())
+    assert math.isclose(loss_sum.item(), E20 - math.exp(-20.0) + math.exp(19.5), rel_tol=1e-15)
+    assert grad[0, 0].item() == 0.0 and grad[0, 1].item() == 0.0
+    assert math.isclose(grad[0, 2].item(), math.exp(19.5), rel_tol=1e-15)
+    assert counts(metrics, "log_ratio_clamp_frac") == [2.0, 3.0]
+    assert math.isclose(
+        metrics["ratio"][0].item(), E20 + math.exp(-20.0) + math.exp(19.5), rel_tol=1e-6
+    )  # metrics are float32
+
+
+def test_float32_ratio_stays_finite():
+    # e^100 overflows float32: unclamped, this token's loss and gradient are inf.
+    loss_sum, grad, metrics = on_policy([100.0], [-1.0], PolicyLossConfig(), dtype=torch.float32)
+    assert torch.isfinite(loss_sum) and grad.item() == 0.0
+    assert counts(metrics, "log_ratio_clamp_frac") == [1.0, 1.0]
+
+
+def test_off_policy_clip_ratio_is_clamped():
+    # log p/p_guide = +24 with A=-1 -> loss e^20, grad 0; -30 with A=+1 -> loss -e^-20, grad 0;
+    # p/p_guide = 0.2 with A=+1 -> loss -0.2, grad -0.2 (inside every clip).
+    cfg = PolicyLossConfig(off_policy="clip")
+    guide = row(-25.0, -0.5, math.log(0.5))
+    lp = row(-1.0, -30.5, math.log(0.1)).requires_grad_(True)
+    off = torch.ones(1, 3, dtype=torch.float64)
+    loss_sum, _, metrics = policy_loss(
+        lp, torch.zeros_like(off), row(-1.0, 1.0, 1.0), torch.zeros_like(off), off, cfg, guide_logprobs=guide
+    )
+    loss_sum.backward()
+    assert math.isclose(loss_sum.item(), E20 - math.exp(-20.0) - 0.2, rel_tol=1e-15)
+    assert lp.grad[0, 0].item() == 0.0 and lp.grad[0, 1].item() == 0.0
+    assert math.isclose(lp.grad[0, 2].item(), -0.2, rel_tol=1e-12)
+    assert counts(metrics, "off_log_ratio_clamp_frac") == [2.0, 3.0]
+    assert counts(metrics, "log_ratio_clamp_frac") == [0.0, 0.0]
+
+
+def test_tis_weight_is_clamped():
+    # ratio 1, A=+1, tis_cap 1e12 (above e^20): old - rollout = +30 -> weight e^20 (unclamped: e^30 capped
+    # to 1e12), loss -e^20, grad -e^20; old - rollout = log 2 -> weight 2, loss -2, grad -2.
+    rollout = row(-31.0, -1.0 - math.log(2.0))
+    loss_sum, grad, metrics = on_policy(
+        [0.0, 0.0], [1.0, 1.0], PolicyLossConfig(tis_cap=1e12), rollout_logprobs=rollout
+    )
+    assert math.isclose(loss_sum.item(), -E20 - 2.0, rel_tol=1e-15)
+    torch.testing.assert_close(grad, row(-E20, -2.0), rtol=1e-15, atol=0)
+    assert counts(metrics, "tis_log_ratio_clamp_frac") == [1.0, 2.0]
+    assert counts(metrics, "tis_trunc_frac") == [0.0, 2.0]
+    assert math.isclose(metrics["rollout_mismatch"][0].item(), 30.0 + math.log(2.0), rel_tol=1e-6)  # float32
