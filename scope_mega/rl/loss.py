@@ -52,6 +52,10 @@ class PolicyLossConfig(Checked):
     max_len: the constant per-sequence token count for "seq_sum_constant" (Dr.GRPO uses the
         generation limit); required there, unused otherwise.
     kl_coef, kl_estimator: weight and estimator of KL(policy || reference) over response tokens.
+    kl_clamp: the k3 estimate per token is clamped to at most this (default 10, as verl's low_var_kl):
+        at ref - logprob = +5 it would be 142 with gradient -147, and beyond the clamp its gradient
+        is 0. None: no value clamp (the log-ratio inside k3 is still clamped to +-20). k1 and k2 are
+        never clamped (they have no exponential).
     entropy_coef: weight of the entropy bonus (subtracted from the loss).
     tis_cap: when set, on-policy terms are weighted by min(exp(old - rollout), tis_cap), correcting
         the mismatch between the rollout engine's logprobs and the trainer's.
@@ -65,6 +69,7 @@ class PolicyLossConfig(Checked):
     max_len: int | None = field(default=None, metadata=ge(1))
     kl_coef: float = field(default=0.0, metadata=ge(0))
     kl_estimator: KLEstimator = "k3"
+    kl_clamp: float | None = field(default=10.0, metadata=gt(0))
     entropy_coef: float = field(default=0.0, metadata=finite())
     tis_cap: float | None = field(default=None, metadata=gt(0))
     off_policy: OffPolicyMode = "shaping"
@@ -84,14 +89,29 @@ class PolicyLossConfig(Checked):
             raise ValueError("aggregation 'seq_sum_constant' needs max_len (the generation limit)")
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator) -> Tensor:
-    """Per-token estimate of KL(policy || reference) from sampled-token logprobs (Schulman's k1/k2/k3)."""
+def kl_penalty(
+    logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator, kl_clamp: float | None = None
+) -> Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled-token logprobs (Schulman's k1/k2/k3).
+    k3's log-ratio is clamped to +-LOG_RATIO_CLAMP, its value to at most `kl_clamp` (None: no clamp)."""
+    return _kl_clamped(logprobs, ref_logprobs, estimator, kl_clamp)[0]
+
+
+def _kl_clamped(
+    logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator, kl_clamp: float | None
+) -> tuple[Tensor, Tensor]:
+    """`kl_penalty`, and the tokens where one of k3's clamps acted (none for k1 and k2)."""
     log_r = ref_logprobs - logprobs
     if estimator == "k1":
-        return -log_r
+        return -log_r, torch.zeros_like(log_r, dtype=torch.bool)
     if estimator == "k2":
-        return 0.5 * log_r**2
-    return torch.exp(log_r) - log_r - 1.0
+        return 0.5 * log_r**2, torch.zeros_like(log_r, dtype=torch.bool)
+    clamped = log_r.detach().abs() > LOG_RATIO_CLAMP
+    log_r = torch.clamp(log_r, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    k3 = torch.exp(log_r) - log_r - 1.0
+    if kl_clamp is None:
+        return k3, clamped
+    return torch.clamp(k3, max=kl_clamp), clamped | (k3.detach() > kl_clamp)
 
 
 def _clamped_exp(log_ratio: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,7 +154,8 @@ def policy_loss(
     metrics: name -> (sum, count), detached float 0-dim tensors, so micro-batches and ranks
     aggregate by summing both before dividing. Keys always present: clip_frac_low, clip_frac_high,
     ratio, log_ratio_clamp_frac (on-policy tokens), off_policy_frac (over response tokens),
-    off_policy_prob (mean p over guide tokens); with their inputs: kl, entropy, rollout_mismatch
+    off_policy_prob (mean p over guide tokens); with their inputs: kl (as clamped) and kl_clamp_frac
+    (tokens where a k3 clamp acted: its value above kl_clamp or its log-ratio), entropy, rollout_mismatch
     (mean |old - rollout|, unclamped), tis_trunc_frac and tis_log_ratio_clamp_frac (tis_cap set),
     off_clip_frac and off_log_ratio_clamp_frac (off_policy == "clip"). A *_log_ratio_clamp_frac
     counts the tokens whose log-ratio lay beyond +-LOG_RATIO_CLAMP.
@@ -204,8 +225,11 @@ def policy_loss(
 
     if ref_logprobs is not None:
         # Both inputs are 0 outside the response, where every estimator is then exactly 0.
-        kl = kl_penalty(masked(logprobs, resp), masked(ref_logprobs.detach(), resp), cfg.kl_estimator)
+        kl, clamped = _kl_clamped(
+            masked(logprobs, resp), masked(ref_logprobs.detach(), resp), cfg.kl_estimator, cfg.kl_clamp
+        )
         metrics["kl"] = (kl.detach().sum(), resp.sum())
+        metrics["kl_clamp_frac"] = ((resp & clamped).sum(), resp.sum())
         if cfg.kl_coef > 0:
             token_loss = token_loss + cfg.kl_coef * kl
     if entropy is not None:

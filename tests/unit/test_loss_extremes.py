@@ -3,9 +3,11 @@ log-ratio clamped to +-LOG_RATIO_CLAMP (20, as verl), and the clamp metrics coun
 
 import math
 
+import pytest
 import torch
 
-from scope_mega.rl.loss import LOG_RATIO_CLAMP, PolicyLossConfig, policy_loss
+from scope_mega.ranges import RangeError
+from scope_mega.rl.loss import LOG_RATIO_CLAMP, PolicyLossConfig, kl_penalty, policy_loss
 
 E20 = math.exp(20.0)
 
@@ -86,3 +88,63 @@ def test_tis_weight_is_clamped():
     assert counts(metrics, "tis_log_ratio_clamp_frac") == [1.0, 2.0]
     assert counts(metrics, "tis_trunc_frac") == [0.0, 2.0]
     assert math.isclose(metrics["rollout_mismatch"][0].item(), 30.0 + math.log(2.0), rel_tol=1e-6)  # float32
+
+
+def kl_only(log_r, cfg):
+    """Zero-advantage on-policy tokens with ref - lp = log_r: only the KL term (kl_coef 1) remains."""
+    lp = row(*[-1.0] * len(log_r)).requires_grad_(True)
+    mask = torch.ones_like(lp)
+    ref = lp.detach() + row(*log_r)
+    loss_sum, _, metrics = policy_loss(
+        lp, lp.detach(), torch.zeros_like(mask), mask, torch.zeros_like(mask), cfg, ref_logprobs=ref
+    )
+    loss_sum.backward()
+    return loss_sum, lp.grad, metrics
+
+
+def test_k3_value_clamp_default_is_verls():
+    # ref - lp = +5: k3 = e^5 - 6 = 142.4 (gradient 1 - e^5 = -147.4) is clamped to 10, gradient 0;
+    # ref - lp = +1: k3 = e - 2, gradient 1 - e;
+    # ref - lp = -25: k3 = e^-20 + 19 (log-ratio clamp) -> 10, gradient 0.
+    assert PolicyLossConfig().kl_clamp == 10.0
+    loss_sum, grad, metrics = kl_only([5.0, 1.0, -25.0], PolicyLossConfig(kl_coef=1.0))
+    assert math.isclose(loss_sum.item(), 20.0 + math.e - 2.0, rel_tol=1e-15)
+    assert grad[0, 0].item() == 0.0 and grad[0, 2].item() == 0.0
+    assert math.isclose(grad[0, 1].item(), 1.0 - math.e, rel_tol=1e-15)
+    assert counts(metrics, "kl_clamp_frac") == [2.0, 3.0]
+    assert math.isclose(metrics["kl"][0].item(), 20.0 + math.e - 2.0, rel_tol=1e-6)  # float32
+
+
+def test_k3_log_ratio_clamp_without_value_clamp():
+    # kl_clamp None: +5 and +1 are exact; -25 has its log-ratio clamped to -20: k3 = e^-20 + 19, grad 0
+    # (unclamped: e^-25 + 24, gradient 1 - e^-25).
+    loss_sum, grad, metrics = kl_only([5.0, 1.0, -25.0], PolicyLossConfig(kl_coef=1.0, kl_clamp=None))
+    assert math.isclose(
+        loss_sum.item(), math.exp(5.0) - 6.0 + math.e - 2.0 + math.exp(-20.0) + 19.0, rel_tol=1e-15
+    )
+    assert math.isclose(grad[0, 0].item(), 1.0 - math.exp(5.0), rel_tol=1e-15)
+    assert math.isclose(grad[0, 1].item(), 1.0 - math.e, rel_tol=1e-15)
+    assert grad[0, 2].item() == 0.0
+    assert counts(metrics, "kl_clamp_frac") == [1.0, 3.0]
+
+
+def test_k1_k2_are_not_clamped():
+    # k2 at ref - lp = +25: 0.5 * 25^2 = 312.5, gradient lp - ref = -25; no clamp counted.
+    loss_sum, grad, metrics = kl_only([25.0], PolicyLossConfig(kl_coef=1.0, kl_estimator="k2"))
+    assert loss_sum.item() == 312.5 and grad.item() == -25.0
+    assert counts(metrics, "kl_clamp_frac") == [0.0, 1.0]
+    loss_sum, grad, metrics = kl_only([25.0], PolicyLossConfig(kl_coef=1.0, kl_estimator="k1"))
+    assert loss_sum.item() == -25.0 and grad.item() == 1.0
+    assert counts(metrics, "kl_clamp_frac") == [0.0, 1.0]
+
+
+def test_kl_penalty_clamps():
+    lp, ref = row(-1.0, -1.0), row(4.0, 24.0)
+    assert kl_penalty(lp, ref, "k3", kl_clamp=10.0).tolist() == [[10.0, 10.0]]
+    # without kl_clamp, only the log-ratio clamp: e^5 - 6 and e^20 - 21
+    torch.testing.assert_close(kl_penalty(lp, ref, "k3"), row(math.exp(5) - 6, E20 - 21), rtol=1e-15, atol=0)
+
+
+def test_clamp_options_have_ranges():
+    with pytest.raises(RangeError, match="kl_clamp"):
+        PolicyLossConfig(kl_clamp=0.0)
