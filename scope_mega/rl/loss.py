@@ -47,6 +47,10 @@ class PolicyLossConfig(Checked):
 
     clip_low, clip_high: PPO ratio clipped to [1 - clip_low, 1 + clip_high]; clip-higher (DAPO) is
         clip_high > clip_low.
+    dual_clip: when set (c > 1), dual-clip PPO for on-policy tokens with A < 0: their loss
+        max(-A r, -A clip(r)) is capped at -A c, so a token whose ratio rose past c adds a bounded
+        loss and no gradient. Default None (off): SCOPE builds on LUFFY, whose token loss has no
+        dual clip, and off keeps earlier runs' losses; verl always applies it with c = 3.
     aggregation: "token_mean" (sum over all response tokens / their number), "seq_mean" (mean of the
         per-sequence token means), "seq_sum_constant" (Dr.GRPO: token sum / (num sequences * max_len)).
     max_len: the constant per-sequence token count for "seq_sum_constant" (Dr.GRPO uses the
@@ -65,6 +69,7 @@ class PolicyLossConfig(Checked):
 
     clip_low: float = field(default=0.2, metadata=between(0, 1, hi_open=True))
     clip_high: float = field(default=0.2, metadata=ge(0))
+    dual_clip: float | None = field(default=None, metadata=gt(1))
     aggregation: Aggregation = "token_mean"
     max_len: int | None = field(default=None, metadata=ge(1))
     kl_coef: float = field(default=0.0, metadata=ge(0))
@@ -153,7 +158,8 @@ def policy_loss(
 
     metrics: name -> (sum, count), detached float 0-dim tensors, so micro-batches and ranks
     aggregate by summing both before dividing. Keys always present: clip_frac_low, clip_frac_high,
-    ratio, log_ratio_clamp_frac (on-policy tokens), off_policy_frac (over response tokens),
+    ratio, log_ratio_clamp_frac (on-policy tokens), dual_clip_frac (dual_clip set: on-policy
+    tokens with A < 0 and ratio > dual_clip), off_policy_frac (over response tokens),
     off_policy_prob (mean p over guide tokens); with their inputs: kl (as clamped) and kl_clamp_frac
     (tokens where a k3 clamp acted: its value above kl_clamp or its log-ratio), entropy, rollout_mismatch
     (mean |old - rollout|, unclamped), tis_trunc_frac and tis_log_ratio_clamp_frac (tis_cap set),
@@ -202,6 +208,11 @@ def policy_loss(
     ratio, clamped = _clamped_exp(masked(logprobs - old, on), on)
     metrics["log_ratio_clamp_frac"] = (clamped.sum(), on.sum())
     on_loss = _ppo_surrogate(ratio, adv, cfg.clip_low, cfg.clip_high)
+    if cfg.dual_clip is not None:
+        # For A < 0, max(-A r, -A clip(r)) = -A max(r, clip(r)) exceeds -A c exactly when r > c.
+        dual = on & (adv < 0) & (ratio.detach() > cfg.dual_clip)
+        metrics["dual_clip_frac"] = (dual.sum(), on.sum())
+        on_loss = torch.where(adv < 0, torch.minimum(on_loss, -adv * cfg.dual_clip), on_loss)
     if rollout_logprobs is not None:
         mismatch = masked(old - rollout_logprobs.detach(), on)
         metrics["rollout_mismatch"] = (mismatch.abs().sum(), on.sum())

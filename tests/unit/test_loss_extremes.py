@@ -148,3 +148,40 @@ def test_kl_penalty_clamps():
 def test_clamp_options_have_ranges():
     with pytest.raises(RangeError, match="kl_clamp"):
         PolicyLossConfig(kl_clamp=0.0)
+    with pytest.raises(RangeError, match="dual_clip must be > 1"):
+        PolicyLossConfig(dual_clip=1.0)
+
+
+def test_dual_clip_caps_negative_advantage_tokens():
+    # c = 3, clip 0.2; token: (A, r) -> loss, gradient d/dlp
+    # (-2, 5): min(max(10, 2.4), 6) = 6, gradient 0 (without dual clip: 10, gradient -A r = 10)
+    # (-1, 2): min(2, 3) = 2, gradient 2 (r < c: untouched)
+    # (+1, 5): clipped at 1.2 -> -1.2, gradient 0 (A > 0: untouched)
+    # (-1, 0.5): clipped at 0.8 -> +0.8, gradient 0
+    # (-1, e^24): log-ratio clamped to 20, then dual-clipped: 3, gradient 0
+    log_r = [math.log(5.0), math.log(2.0), math.log(5.0), math.log(0.5), 24.0]
+    advs = [-2.0, -1.0, 1.0, -1.0, -1.0]
+    loss_sum, grad, metrics = on_policy(log_r, advs, PolicyLossConfig(dual_clip=3.0))
+    assert math.isclose(loss_sum.item(), 6.0 + 2.0 - 1.2 + 0.8 + 3.0, rel_tol=1e-14)
+    torch.testing.assert_close(grad, row(0.0, 2.0, 0.0, 0.0, 0.0), rtol=1e-14, atol=0)
+    assert counts(metrics, "dual_clip_frac") == [2.0, 5.0]
+
+    loss_sum, grad, metrics = on_policy(log_r, advs, PolicyLossConfig())
+    assert PolicyLossConfig().dual_clip is None and "dual_clip_frac" not in metrics
+    assert math.isclose(loss_sum.item(), 10.0 + 2.0 - 1.2 + 0.8 + E20, rel_tol=1e-14)
+    torch.testing.assert_close(grad, row(10.0, 2.0, 0.0, 0.0, 0.0), rtol=1e-14, atol=0)
+
+
+def test_dual_clip_leaves_off_policy_tokens_alone():
+    # off_policy="clip" with A=-1 and p/p_guide = 5: PPO clip only, loss 5, gradient 5
+    cfg = PolicyLossConfig(off_policy="clip", dual_clip=3.0)
+    guide = row(math.log(0.1))
+    lp = row(math.log(0.5)).requires_grad_(True)
+    off = torch.ones_like(guide)
+    loss_sum, _, metrics = policy_loss(
+        lp, torch.zeros_like(off), row(-1.0), torch.zeros_like(off), off, cfg, guide_logprobs=guide
+    )
+    loss_sum.backward()
+    assert math.isclose(loss_sum.item(), 5.0, rel_tol=1e-14)
+    assert math.isclose(lp.grad.item(), 5.0, rel_tol=1e-14)
+    assert counts(metrics, "dual_clip_frac") == [0.0, 0.0]
