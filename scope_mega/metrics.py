@@ -6,8 +6,10 @@ before rectification. Entropy, clip fraction, KL and rollout mismatch come from 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Hashable, Sequence
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 from scope_mega.scope.rectify import ScopeStats
 from scope_mega.scope.trajectory import Trajectory
@@ -114,3 +116,15 @@ def merge_stats(parts: Sequence[ScopeStats]) -> ScopeStats:
         for f in dataclasses.fields(ScopeStats):
             setattr(merged, f.name, getattr(merged, f.name) + getattr(stats, f.name))
     return merged
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float] | None, phase: str) -> Iterator[None]:
+    """Add the wall time of the block to `timings["timing_s/<phase>"]` (nothing when `timings` is None)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            key = f"timing_s/{phase}"
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - start

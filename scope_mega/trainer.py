@@ -38,7 +38,7 @@ from scope_mega.checkpointing import (
 )
 from scope_mega.config import ConfigError, RunConfig, to_dict
 from scope_mega.logging import MetricsLogger, is_rank0
-from scope_mega.metrics import merge_stats, rollout_metrics, scope_metrics, weighted_mean
+from scope_mega.metrics import merge_stats, rollout_metrics, scope_metrics, timed, weighted_mean
 from scope_mega.models.arch import load_hf_config
 from scope_mega.models.gpt import build_gpt_model
 from scope_mega.rl.advantages import group_advantages
@@ -89,14 +89,19 @@ def sampling_params(cfg: RunConfig, task: Task, n: int, seed: int | None) -> Sam
     )
 
 
-def rollout_groups(engine, task: Task, prompts: list[Prompt], n: int, seed: int) -> list[list[Trajectory]]:
-    """`n` sampled responses per prompt from the policy's engine, verified."""
-    outs = engine.generate([p.ids for p in prompts], sampling_params(task.cfg, task, n, seed))
+def rollout_groups(
+    engine, task: Task, prompts: list[Prompt], n: int, seed: int, timings: dict[str, float] | None = None
+) -> list[list[Trajectory]]:
+    """`n` sampled responses per prompt from the policy's engine, verified (generation and verification
+    timed into `timings` when given)."""
+    with timed(timings, "rollout"):
+        outs = engine.generate([p.ids for p in prompts], sampling_params(task.cfg, task, n, seed))
     stops = set(task.stop_token_ids)
     groups = []
     for g, (prompt, comps) in enumerate(zip(prompts, outs)):
         texts = [task.tokenizer.decode([t for t in c.token_ids if t not in stops]) for c in comps]
-        verdicts = task.verifier.verify_batch(texts, [prompt.info.reference] * len(texts))
+        with timed(timings, "verify"):
+            verdicts = task.verifier.verify_batch(texts, [prompt.info.reference] * len(texts))
         groups.append(
             [
                 Trajectory(
@@ -197,18 +202,27 @@ def rollout_and_rectify(
     """Steps 1-3 and 5 on a replica's driver: sample and verify groups, rectify them (SCOPE or the
     configured baseline), compute advantages. Metrics cover every replica (collective over drivers)."""
     cfg = task.cfg
-    groups = rollout_groups(engine, task, prompts, cfg.rl.group_size, seed)
+    timings: dict[str, float] = {}
+    groups = rollout_groups(engine, task, prompts, cfg.rl.group_size, seed, timings)
     metrics = rollout_metrics(groups, ks=(1,))
     metrics["reward"] = sum(t.reward for g in groups for t in g) / sum(len(g) for g in groups)
     infos = [p.info for p in prompts]
-    final, stats = rectify_groups(
-        groups, infos, cfg.scope, tokenizer=task.tokenizer, verifier=task.verifier, guide=guide, prm=prm
-    )
-    dense = None
-    if cfg.scope.active_method == "prm_dense":
-        dense = prm_dense_advantages(
-            final, infos, prm, task.tokenizer, cfg.scope.step_delimiter, cfg.advantage, cfg.scope.dense_coef
+    with timed(timings, "scope"):  # the PRM and the guide
+        final, stats = rectify_groups(
+            groups, infos, cfg.scope, tokenizer=task.tokenizer, verifier=task.verifier, guide=guide, prm=prm
         )
+        dense = None
+        if cfg.scope.active_method == "prm_dense":
+            dense = prm_dense_advantages(
+                final,
+                infos,
+                prm,
+                task.tokenizer,
+                cfg.scope.step_delimiter,
+                cfg.advantage,
+                cfg.scope.dense_coef,
+            )
+    metrics.update(timings)
     parts = _gather_drivers((metrics, len(groups), stats))
     metrics = weighted_mean([(m, n) for m, n, _ in parts])
     metrics.update(scope_metrics(merge_stats([st for _, _, st in parts])))
@@ -531,8 +545,10 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
             mine = evaluate(policy, task, my_eval, cfg.seed + 99)
             return weighted_mean(_gather_drivers((mine, len(my_eval))))
 
-        metrics = driven(work)
-        logger.log(step, metrics)
+        timings: dict[str, float] = {}
+        with timed(timings, "eval"):
+            metrics = driven(work)
+        logger.log(step, {**metrics, **timings})
         return metrics
 
     if trainer.step == 0:
@@ -550,18 +566,23 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         memory = phase_memory("rollout", device)
         # 4-6. reference logprobs, advantages already in the samples, one optimizer step
         micro = to_micro_batches(samples, cfg.rl.micro_batch_size, task.tokenizer.pad_id)
+        timings: dict[str, float] = {}
         if reference is not None:
-            store_logprobs([reference], spec.vocab_size, micro, "ref_logprobs")
-        metrics.update(train_step(state, micro, partial(rl_loss, cfg.loss), need_entropy=True))
+            with timed(timings, "ref_logprobs"):
+                store_logprobs([reference], spec.vocab_size, micro, "ref_logprobs")
+        with timed(timings, "update"):
+            metrics.update(train_step(state, micro, partial(rl_loss, cfg.loss), need_entropy=True))
         memory.update(phase_memory("update", device))
         # 7. weights to the engine
-        sync_weights(engine, state.model[0], spec, bucket, every_rank=vllm)
-        metrics.update(memory, **phase_memory("sync", device))
+        with timed(timings, "sync"):
+            sync_weights(engine, state.model[0], spec, bucket, every_rank=vllm)
+        metrics.update(memory, **timings, **phase_memory("sync", device))
         # 8. log, evaluate, checkpoint
         trainer.step += 1
         trainer.data_position = trainer.step * cfg.rl.prompts_per_step
         tokens = sum(len(s.response_ids) for s in samples) * dp
-        metrics["tokens_per_s"] = tokens / (time.perf_counter() - t0)
+        metrics["timing_s/step"] = time.perf_counter() - t0
+        metrics["tokens_per_s"] = tokens / metrics["timing_s/step"]
         logger.log(trainer.step, metrics)
         if cfg.rl.eval_interval and trainer.step % cfg.rl.eval_interval == 0 and trainer.step < cfg.rl.steps:
             run_eval(trainer.step)

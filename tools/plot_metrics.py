@@ -2,8 +2,9 @@
 
     python tools/plot_metrics.py RUN_DIR [--report]
 
-Writes RUN_DIR/plots/<stage>_<metric>.png for the main training curves and, with --report,
-RUN_DIR/report.md: held-out results before and after each stage, with the plots linked.
+Writes RUN_DIR/plots/<stage>_<metric>.png for the main training curves, plots/rl_timing.png (each RL
+step's wall time stacked by phase) and, with --report, RUN_DIR/report.md: held-out results before and
+after each stage, with the plots linked.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ CURVES = {
 }
 
 
+# the RL step's phases as the trainer times them (timing_s/<phase>), in the order they run
+PHASES = ["rollout", "verify", "scope", "ref_logprobs", "update", "sync"]
+
+
 def read(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -55,7 +60,30 @@ def plot(run_dir: Path) -> list[Path]:
             fig.savefig(path, dpi=100)
             plt.close(fig)
             out.append(path)
-    return out
+    timing = plot_timing(rows, run_dir / "plots" / "rl_timing.png")
+    return out + ([timing] if timing else [])
+
+
+def plot_timing(rows: list[dict], path: Path) -> Path | None:
+    """Stacked bars of each RL step's phase times, with the whole step's wall time as a line."""
+    steps = [m for m in rows if m.get("stage") == "rl" and "timing_s/step" in m]
+    if not steps:
+        return None
+    x = [m["step"] for m in steps]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    bottom = [0.0] * len(steps)
+    for phase in PHASES:
+        height = [m.get(f"timing_s/{phase}", 0.0) for m in steps]
+        if any(height):
+            ax.bar(x, height, bottom=bottom, label=phase)
+            bottom = [b + h for b, h in zip(bottom, height)]
+    ax.plot(x, [m["timing_s/step"] for m in steps], "k.-", label="step")
+    ax.set(xlabel="step", ylabel="seconds", title="rl: time per step by phase")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def report(run_dir: Path, plots: list[Path]) -> Path:

@@ -2,9 +2,12 @@
 the single-process run's numbers; DP=2 splits the prompts over two replicas and logs all of them."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from _tiny_rl import REPO
 from _tiny_rl import train as _train
 
 from scope_mega.logging import read_metrics
@@ -21,6 +24,14 @@ def test_two_rl_steps_with_tp2_then_resume(tmp_path):
     rl = [m for m in read_metrics(tmp_path) if m["stage"] == "rl"]
     assert [m["step"] for m in rl if "loss" in m] == [1, 2]
     assert {"reward", "rollout/accuracy", "scope/failed", "grad_norm", "tokens_per_s"} <= rl[1].keys()
+    phases = [f"timing_s/{p}" for p in ("rollout", "verify", "scope", "update", "sync")]
+    for m in (m for m in rl if "loss" in m):
+        assert all(m[k] > 0 for k in phases) and sum(m[k] for k in phases) <= m["timing_s/step"]
+    assert all(m["timing_s/eval"] > 0 for m in rl if "eval/greedy_acc" in m)
+    plot = subprocess.run(
+        [sys.executable, str(REPO / "tools/plot_metrics.py"), str(tmp_path)], capture_output=True, text=True
+    )
+    assert plot.returncode == 0 and (tmp_path / "plots" / "rl_timing.png").is_file(), plot.stderr
     ckpts = tmp_path / "checkpoints_rl"
     assert (ckpts / "latest").read_text() == "step_00000002"
     state = json.loads((ckpts / "step_00000002" / "trainer_state.json").read_text())
