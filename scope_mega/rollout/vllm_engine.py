@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from scope_mega.config import ConfigError
 from scope_mega.rollout.engine import Completion, Decode, SamplingParams, StopChecker, WeightUpdate
 from scope_mega.rollout.weight_sync import CheckedStream, hf_parameter_shapes
 
@@ -149,16 +150,16 @@ class VLLMEngine:
             # loaded from that cache served logprobs up to 0.6 away from the weights this engine holds
             # (rollout mismatch 0.05 in 4 of 6 resumed TP=2 runs, 1e-7 with the cache off).
             os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
-        vllm = import_vllm()
         import torch.distributed as dist
         import transformers
 
+        # what this platform cannot serve is a one-line config error, before vLLM is even imported
         hf_config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        problem = vllm_support_problem(hf_config, tensor_parallel_size, on_cpu=not on_cuda)
-        if problem:
-            raise ValueError(problem)
+        if problem := vllm_support_problem(hf_config, tensor_parallel_size, on_cpu=not on_cuda):
+            raise ConfigError(f"{model_dir}: {problem}")
         if quantization and not on_cuda:
-            raise ValueError(f"vLLM's CPU build cannot serve quantization={quantization!r}; it needs CUDA")
+            raise ConfigError(f"vLLM's CPU build cannot serve quantization={quantization!r}; it needs CUDA")
+        vllm = import_vllm()
         stored = any(name.endswith((".safetensors", ".bin")) for name in os.listdir(model_dir))
         kwargs = dict(
             model=model_dir,

@@ -103,6 +103,19 @@ def test_platform_checks_name_what_vllm_cannot_run():
     assert vllm_support_problem(llama(num_attention_heads=4), 1, on_cpu=False) is None
 
 
+def test_an_engine_vllm_cannot_run_here_is_a_config_error(tmp_path):
+    """Checked before vLLM is imported: the CLI prints it as one `config error:` line."""
+    from scope_mega.config import ConfigError
+
+    (tmp_path / "config.json").write_text(
+        transformers.LlamaConfig(**{**SERVABLE, "num_attention_heads": 4}).to_json_string()
+    )
+    with pytest.raises(ConfigError, match=f"{tmp_path}: vLLM's CPU attention cannot run head size 16"):
+        make_engine("vllm", tmp_path, decode=str)
+    with pytest.raises(ConfigError, match="does not divide the model's 4 attention heads"):
+        make_engine("vllm", tmp_path, decode=str, tensor_parallel_size=3)
+
+
 def test_cpu_head_sizes_are_vllms_own():
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
