@@ -157,6 +157,9 @@ class RLConfig(Checked):
     init_from: str | None = None  # checkpoint directory with the warm-started policy (e.g. the SFT run)
     # constant RL learning rate (the `optim` schedule is the SFT stage's)
     lr: float = field(default=1e-5, metadata=gt(0))
+    # the trainer's optimizer state to host memory and its gradient buffers released while the engines
+    # roll out (runtime/offload.py); auto: on CUDA, where the engines share the trainer's GPUs
+    offload: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -209,8 +212,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 wanted.append(str(e).removeprefix(f"{path} must be ").removesuffix(f", got {value!r}"))
         raise ConfigError(f"{path} must be {' or '.join(wanted)}, got {value!r}")
     if origin is Literal:
-        if value is False and "off" in typing.get_args(tp):
-            value = "off"  # YAML 1.1 reads a bare `off` as false
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare `on`/`off` as true/false
         if value not in typing.get_args(tp):
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
             raise ConfigError(f"{path} must be one of {choices}, got {value!r}")

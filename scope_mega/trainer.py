@@ -8,7 +8,9 @@ Megatron step. What the driver calls that is collective, its group's other ranks
 generate. Engines: the transformers engine (`rollout.engine=hf`) lives on the driver alone and
 receives the weights there; vLLM has a worker on every rank, in its own TP layout, and every rank
 receives the weights (`rollout.collective`). Groups never straddle data-parallel ranks, so GRPO
-statistics stay local; logged metrics average all replicas. One optimizer step per rollout batch
+statistics stay local; logged metrics average all replicas. Between updates the trainer's optimizer
+state sits in host memory and its gradient buffers are released (`rl.offload`, runtime/offload.py), so
+the engines have the GPU during rollouts and the weight sync. One optimizer step per rollout batch
 (fully on-policy): the old-policy logprobs are the current ones (ratio 1, exact); the KL reference is
 a frozen copy of the starting weights.
 """
@@ -48,6 +50,7 @@ from scope_mega.rollout.factory import make_engine
 from scope_mega.rollout.weight_sync import sync_weights
 from scope_mega.runtime import preemption
 from scope_mega.runtime.distributed import init_distributed
+from scope_mega.runtime.offload import TrainerOffload, offload_wanted
 from scope_mega.runtime.served import Served
 from scope_mega.scope.dense import prm_dense_advantages
 from scope_mega.scope.guides import SampledContinuer, make_guide
@@ -509,6 +512,9 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         guide_engine, guide_driver = build_engine(cfg, task, cfg.guide.guide_model, "guide", served)
     engines = [e for e in (engine, guide_engine) if e is not None]
     bucket = cfg.rollout.sync_bucket_mb << 20
+    # between updates the trainer keeps only its weights on the device (`rl.offload`)
+    offload = TrainerOffload(state, offload_wanted(cfg.rl.offload, device))
+    offload.to_host()
     sync_weights(engine, state.model[0], spec, bucket, every_rank=vllm)
 
     config_dict = to_dict(cfg)
@@ -564,16 +570,20 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         guide = step_guide(cfg, task, guide_driver, seed) if scope_on and is_driver else None
         samples, metrics = driven(partial(rollout_and_rectify, policy, guide, prm, task, mine, seed))
         memory = phase_memory("rollout", device)
-        # 4-6. reference logprobs, advantages already in the samples, one optimizer step
+        # 4-6. the engines asleep, the trainer's state back; reference logprobs, one optimizer step
         micro = to_micro_batches(samples, cfg.rl.micro_batch_size, task.tokenizer.pad_id)
         timings: dict[str, float] = {}
+        with timed(timings, "offload"):
+            offload.to_device()
         if reference is not None:
             with timed(timings, "ref_logprobs"):
                 store_logprobs([reference], spec.vocab_size, micro, "ref_logprobs")
         with timed(timings, "update"):
             metrics.update(train_step(state, micro, partial(rl_loss, cfg.loss), need_entropy=True))
         memory.update(phase_memory("update", device))
-        # 7. weights to the engine
+        # 7. the trainer's state to the host, then its weights to the engines (weights woken, KV cache not)
+        with timed(timings, "offload"):
+            offload.to_host()
         with timed(timings, "sync"):
             sync_weights(engine, state.model[0], spec, bucket, every_rank=vllm)
         metrics.update(memory, **timings, **phase_memory("sync", device))
@@ -589,7 +599,8 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         stop = preemption.should_stop()
         periodic = cfg.checkpoint.save_interval and trainer.step % cfg.checkpoint.save_interval == 0
         if stop or periodic:
-            save_checkpoint(ckpt_root, state, trainer, config_dict, cfg.checkpoint.keep_last)
+            with offload.on_device():
+                save_checkpoint(ckpt_root, state, trainer, config_dict, cfg.checkpoint.keep_last)
         export_hf(cfg, state.model[0], spec, task, trainer.step)
         if stop:
             logger.close()
@@ -598,7 +609,8 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
 
     final_metrics = run_eval(trainer.step)
     if not has_checkpoint(ckpt_root, trainer.step):
-        save_checkpoint(ckpt_root, state, trainer, config_dict, cfg.checkpoint.keep_last)
+        with offload.on_device():
+            save_checkpoint(ckpt_root, state, trainer, config_dict, cfg.checkpoint.keep_last)
     export_hf(cfg, state.model[0], spec, task, trainer.step, final=True)
     logger.close()
     task.close()
