@@ -47,7 +47,15 @@ def _cmd_train(args) -> int:
 
         cfg, target, refusal = load_config_for_target(args.config, args.overrides, args.target)
         _print_config(cfg)
-        plan = make_plan(cfg, target, args.world_size, args.gpu_memory_gib, refusal)
+        plan = make_plan(
+            cfg,
+            target,
+            args.world_size,
+            args.gpu_memory_gib,
+            refusal,
+            args.gpus_per_node,
+            args.host_memory_gib,
+        )
         print(format_plan(plan))
         from scope_mega.trainer import check_wired
 

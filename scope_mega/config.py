@@ -135,12 +135,18 @@ class RolloutConfig(Checked):
 
 
 @dataclass
-class GuideConfig:
+class GuideConfig(Checked):
     """The off-policy guide (SCOPE/LUFFY) and the PRM; `oracle` kinds use the task's own solver/checker."""
 
     prm: Literal["oracle", "model"] = "oracle"
     prm_path: str | None = None  # prm: model -- a Qwen2.5-Math-PRM checkpoint converted to Megatron
     guide_model: str | None = None  # an HF model directory served by a second engine (scope.guide: engine)
+    # the guide engine's share of each GPU (vLLM on CUDA), beside rollout.vllm_gpu_memory_utilization
+    vllm_gpu_memory_utilization: float = field(default=0.2, metadata=between(0, 1, lo_open=True))
+    # sizes in billions of parameters, for the memory plan when prm_path / guide_model have no
+    # config.json on the machine that plans (a login node); a readable config.json wins
+    prm_params_b: float | None = field(default=None, metadata=gt(0))
+    guide_params_b: float | None = field(default=None, metadata=gt(0))
 
 
 @dataclass

@@ -35,16 +35,32 @@ matrices divided by TP, norms replicated; embedding on the first stage, output l
   GEMM inputs in 1 byte, so with FP8 this is an upper bound.
 - engine: weights = params * (1 if vllm_fp8_weights else 2) / TP_e; budget = gpu_memory_utilization *
   GPU memory; KV cache = budget - weights (vLLM's own activation workspace is not subtracted); KV bytes
-  per token = 2 (K and V) * layers * max(1, G / TP_e) * d * 2.
+  per token = 2 (K and V) * layers * max(1, G / TP_e) * d * 2. The guide engine has its own budget
+  (`guide.vllm_gpu_memory_utilization`); the transformers engine's is its weights plus the KV cache of
+  its driver's whole batch.
+- PRM: bf16 weights / the trainer's TP; its forward holds one layer's activations for 8 sequences.
+  The PRM's and the guide's sizes come from their config.json where this machine can read it, else
+  from `guide.prm_params_b` / `guide.guide_params_b`; neither is an error.
+
+Phases (trainer.py; offload = `rl.offload`, on for CUDA by default), per GPU, each plus RESERVE:
+- rollout: trainer weights (+ FP8 copies, + KL reference), PRM weights and forward, both engines'
+  budgets; grads and Adam only with offload off.
+- update: trainer weights, grads, Adam, activations, PRM weights; each vLLM engine asleep keeps
+  SLEEPING_ENGINE.
+- sync: as rollout without the engines' KV caches: the policy engine's weights are woken first; two
+  sync buckets in flight.
+- host per node: offloaded Adam states and the weights of sleeping engines (level 1), per GPU, times
+  the node's GPUs; at most HOST_USABLE of the node's memory.
+A phase over the GPU's memory (or the host over its share) is a one-line ConfigError that names the
+phase and the knobs to turn, from `--dry-run` and from `run_train` on a CUDA node before any rank
+starts work.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -198,6 +214,13 @@ def _arch_of_dir(path: str | None) -> Arch | None:
 
 # ----------------------------------------------------------------------------- the plan
 
+# Estimates the model cannot derive, stated once (check them against the trainer's memory/* metrics):
+SLEEPING_ENGINE = 1 * GIB  # what a sleeping vLLM engine keeps on its GPU (CUDA graphs, allocator pools)
+RESERVE = 3 * GIB  # per GPU and phase: the CUDA context, NCCL buffers, allocator fragmentation
+HOST_USABLE = 0.9  # of a node's host memory, for the offloaded state and sleeping engines' weights
+PHASES = ("rollout", "update", "sync")
+PRM_BATCH = 8  # sequences per PRM forward (`MegatronPRM.max_batch_size`)
+
 
 @dataclass
 class Role:
@@ -222,9 +245,12 @@ class TrainerMemory:
     distributed_optimizer: bool
 
     @property
+    def adam_used(self) -> int:
+        return self.adam_distributed if self.distributed_optimizer else self.adam
+
+    @property
     def total(self) -> int:
-        adam = self.adam_distributed if self.distributed_optimizer else self.adam
-        return self.weights + self.grads + adam + self.fp8_weights + self.activations
+        return self.weights + self.grads + self.adam_used + self.fp8_weights + self.activations
 
 
 @dataclass
@@ -236,6 +262,16 @@ class EngineMemory:
     kv_bytes_per_token: int
     max_tokens: int
     max_sequences: int  # full-length sequences that fit in the KV cache at once, per replica
+
+
+@dataclass
+class Helper:
+    """The PRM or the guide engine: its size and where the size came from."""
+
+    params: int
+    source: str  # "<path>/config.json" or "guide.prm_params_b"
+    weights_per_gpu: int
+    budget: int = 0  # an engine's share of the GPU (its weights and KV cache)
 
 
 @dataclass
@@ -251,8 +287,20 @@ class Plan:
     roles: list[Role]
     trainer: TrainerMemory
     engine: EngineMemory
-    helpers: dict[str, dict[str, Any]] = field(default_factory=dict)  # prm / guide weights per GPU
+    offload: bool
+    phases: dict[str, dict[str, int]]  # phase -> component -> bytes per GPU
+    host_per_gpu: dict[str, int]  # what the offload and sleeping engines keep in host memory, per GPU
+    gpus_per_node: int
+    host_memory: int  # per node
+    helpers: dict[str, Helper] = field(default_factory=dict)  # "prm", "guide"
     warnings: list[str] = field(default_factory=list)
+
+    def phase_total(self, phase: str) -> int:
+        return sum(self.phases[phase].values())
+
+    @property
+    def host_per_node(self) -> int:
+        return sum(self.host_per_gpu.values()) * self.gpus_per_node
 
 
 def default_world_size(cfg: RunConfig) -> int:
@@ -262,15 +310,33 @@ def default_world_size(cfg: RunConfig) -> int:
     return cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
 
 
+def _helper_params(path: str | None, stated_b: float | None, key: str) -> tuple[Arch | None, int, str]:
+    """(architecture if readable, parameter count, its source) of the PRM or guide model at `path`."""
+    arch = _arch_of_dir(path)
+    if arch is not None:
+        return arch, arch.total(), f"{path}/config.json"
+    if stated_b is not None:
+        return None, int(stated_b * 1e9), f"guide.{key}={stated_b:g}"
+    raise ConfigError(
+        f"the memory plan needs the size of {path}: its config.json is not readable here; "
+        f"state it as guide.{key}=N (billions of parameters)"
+    )
+
+
 def make_plan(
     cfg: RunConfig,
     target: str = "cuda",
     world_size: int | None = None,
     gpu_memory_gib: float = 80.0,
     refusal_here: str | None = None,
+    gpus_per_node: int = 8,
+    host_memory_gib: float = 1024.0,
 ) -> Plan:
-    """The layout and per-GPU memory estimates of `cfg` on `world_size` GPUs of `gpu_memory_gib`."""
+    """The layout and per-GPU memory of `cfg` on `world_size` GPUs of `gpu_memory_gib`, phase by phase,
+    and the host memory per node of `gpus_per_node` GPUs. Raises ConfigError, naming the phase and the
+    knobs, when a phase does not fit (checked for CUDA targets)."""
     from scope_mega.models.arch import load_hf_config, padded_vocab_size
+    from scope_mega.runtime.offload import offload_wanted
 
     par = cfg.parallel
     hf = load_hf_config(cfg.model.hf_config)
@@ -315,10 +381,6 @@ def make_plan(
         distributed_optimizer=par.distributed_optimizer,
     )
     gpu_mem = int(gpu_memory_gib * GIB)
-    if trainer.total > 0.9 * gpu_mem:
-        warnings.append(
-            f"trainer estimate {trainer.total / GIB:.1f} GiB exceeds 90% of {gpu_memory_gib:g} GiB per GPU"
-        )
     if par.distributed_optimizer and dp == 1:
         warnings.append("distributed_optimizer with DP=1 shards nothing")
 
@@ -327,12 +389,14 @@ def make_plan(
     etp = cfg.rollout.vllm_tensor_parallel_size if vllm else 1
     if world % etp:
         raise ConfigError(f"world size {world} is not a multiple of rollout.vllm_tensor_parallel_size={etp}")
-    util = cfg.rollout.vllm_gpu_memory_utilization if vllm else 1.0
     wbytes = 1 if (vllm and cfg.rollout.vllm_fp8_weights) else (2 if target == "cuda" else 4)
     e_weights = a.total() * wbytes // etp
-    budget = int(util * gpu_mem)
-    kv = max(0, budget - e_weights)
     kv_tok = a.kv_bytes_per_token(etp, 2 if target == "cuda" else 4)
+    if vllm:
+        budget = int(cfg.rollout.vllm_gpu_memory_utilization * gpu_mem)
+    else:  # the transformers engine: its weights and the KV cache of the driver's whole batch
+        budget = e_weights + seqs_per_rank * seq * kv_tok
+    kv = max(0, budget - e_weights)
     engine = EngineMemory(
         tp=etp,
         weights=e_weights,
@@ -342,8 +406,6 @@ def make_plan(
         max_tokens=kv // kv_tok,
         max_sequences=kv // kv_tok // max(seq, 1),
     )
-    if kv == 0:
-        warnings.append("rollout engine weights exceed its memory budget: raise engine TP or utilization")
     if vllm and (a.heads % etp or (etp <= a.kv_heads and a.kv_heads % etp)):
         warnings.append(f"vLLM TP={etp} does not divide the attention heads / KV heads")
 
@@ -357,37 +419,35 @@ def make_plan(
             "colocated; sleeps while the trainer runs",
         ),
     ]
-    helpers: dict[str, dict[str, Any]] = {}
-    if cfg.guide.prm == "model":
-        prm = _arch_of_dir(cfg.guide.prm_path)
-        prm_tp = par.tp  # the policy's TP, capped by what divides the PRM's heads and KV heads
-        if prm is not None:
-            prm_tp = max(t for t in range(1, par.tp + 1) if prm.heads % t == 0 and prm.kv_heads % t == 0)
-        note = f"{cfg.guide.prm_path or '?'}" + ("" if prm else " (TP capped by its KV heads)")
-        roles.append(Role("PRM (Megatron, forward only)", prm_tp, 1, world // prm_tp, note))
-        helpers["prm"] = {
-            "path": cfg.guide.prm_path,
-            "weights_per_gpu": prm.total() * 2 // prm_tp if prm else None,
-        }
-        if not cfg.guide.prm_path:
-            warnings.append("guide.prm=model without guide.prm_path")
-    else:
+    helpers: dict[str, Helper] = {}
+    scope_on = cfg.scope.enabled and cfg.scope.active_method != "grpo"
+    prm_activations = 0
+    if scope_on and cfg.guide.prm == "model":
+        prm, n, source = _helper_params(cfg.guide.prm_path, cfg.guide.prm_params_b, "prm_params_b")
+        if prm is not None and prm.kv_heads % par.tp:  # as trainer.build_prm refuses it
+            raise ConfigError(
+                f"the PRM in {cfg.guide.prm_path} has {prm.kv_heads} KV heads; it runs at the trainer's "
+                f"parallel.tp={par.tp}, which must divide them"
+            )
+        roles.append(Role("PRM (Megatron, forward only)", par.tp, 1, world // par.tp, source))
+        helpers["prm"] = Helper(n, source, n * 2 // par.tp)  # bf16, at the trainer's TP
+        # one forward of PRM_BATCH sequences, one layer alive at a time (the policy's shape if unknown)
+        prm_layer = (prm or a).activation_bytes_per_token_layer(par.tp, par.sequence_parallel)
+        prm_activations = int(PRM_BATCH * seq * prm_layer)
+    elif scope_on:
         roles.append(Role("PRM", 0, 0, 0, "oracle (task checker, no GPU)"))
-    if cfg.scope.enabled and cfg.scope.guide == "engine":
-        roles.append(
-            Role(f"guide engine ({cfg.rollout.engine})", etp, 1, world // etp, cfg.guide.guide_model or "?")
-        )
-        guide = _arch_of_dir(cfg.guide.guide_model)
-        helpers["guide"] = {
-            "path": cfg.guide.guide_model,
-            "weights_per_gpu": guide.total() * wbytes // etp if guide else None,
-        }
-        if not cfg.guide.guide_model:
-            warnings.append("scope.guide=engine without guide.guide_model")
-    else:
-        roles.append(Role("guide", 0, 0, 0, f"{cfg.scope.guide if cfg.scope.enabled else 'off'} (no GPU)"))
+    if scope_on and cfg.scope.guide == "engine":
+        _, n, source = _helper_params(cfg.guide.guide_model, cfg.guide.guide_params_b, "guide_params_b")
+        roles.append(Role(f"guide engine ({cfg.rollout.engine})", etp, 1, world // etp, source))
+        g_weights = n * wbytes // etp
+        g_budget = int(cfg.guide.vllm_gpu_memory_utilization * gpu_mem) if vllm else g_weights
+        helpers["guide"] = Helper(n, source, g_weights, g_budget)
+    elif scope_on:
+        roles.append(Role("guide", 0, 0, 0, f"{cfg.scope.guide} (no GPU)"))
 
-    return Plan(
+    offload = offload_wanted(cfg.rl.offload, target)
+    phases, host = _phases(cfg, trainer, engine, helpers, prm_activations, offload, target)
+    plan = Plan(
         target=target,
         refusal_here=refusal_here,
         world_size=world,
@@ -399,13 +459,144 @@ def make_plan(
         roles=roles,
         trainer=trainer,
         engine=engine,
+        offload=offload,
+        phases=phases,
+        host_per_gpu=host,
+        gpus_per_node=min(gpus_per_node, world),
+        host_memory=int(host_memory_gib * GIB),
         helpers=helpers,
         warnings=warnings,
     )
+    if target == "cuda":
+        check_fits(plan, cfg)
+    return plan
 
 
-def _gib(n: int | float | None) -> str:
-    return "unknown (no config.json here)" if n is None else f"{n / GIB:7.2f} GiB"
+def _phases(
+    cfg: RunConfig,
+    t: TrainerMemory,
+    e: EngineMemory,
+    helpers: dict[str, Helper],
+    prm_activations: int,
+    offload: bool,
+    target: str,
+) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Bytes per GPU of each component in each phase (module docstring), and per GPU in host memory."""
+    cuda = target == "cuda"
+    vllm = cfg.rollout.engine == "vllm"
+    asleep = SLEEPING_ENGINE if (cuda and vllm) else 0
+    kept = {  # on the GPU in every phase
+        "trainer weights": t.weights,
+        "trainer FP8 weight copies": t.fp8_weights,
+        "KL reference weights": t.weights if cfg.loss.kl_coef > 0 else 0,
+        "PRM weights": helpers["prm"].weights_per_gpu if "prm" in helpers else 0,
+    }
+    state = {"grads (fp32)": t.grads, "Adam states": t.adam_used}
+    away = dict.fromkeys(state, 0) if offload else state  # outside the update
+    guide = helpers.get("guide")
+    rollout = {
+        **kept,
+        **away,
+        "activations": prm_activations,  # the PRM's forward
+        "policy engine": e.budget,
+        "guide engine": guide.budget if guide else 0,
+    }
+    update = {
+        **kept,
+        **state,
+        "activations": t.activations,
+        "policy engine": asleep if cuda else e.budget,
+        "guide engine": (asleep if cuda else guide.budget) if guide else 0,
+    }
+    sync = {
+        **kept,
+        **away,
+        "activations": 2 * (cfg.rollout.sync_bucket_mb << 20),  # a gathered bucket and its converted copy
+        "policy engine": e.weights + asleep if cuda else e.budget,
+        "guide engine": (asleep if cuda else guide.budget) if guide else 0,
+    }
+    phases = {}
+    for name, parts in zip(PHASES, (rollout, update, sync)):
+        phases[name] = {k: v for k, v in parts.items() if v} | ({"reserve": RESERVE} if cuda else {})
+    host = {}
+    if cuda:
+        host = {
+            "offloaded Adam states": t.adam_used if offload else 0,
+            # a sleeping vLLM engine at level 1 keeps its weights in host memory (the hf engine moves its
+            # model there); level 2 discards them, the next sync rewrites them
+            "policy engine weights": e.weights if not vllm or cfg.rollout.vllm_sleep_level == 1 else 0,
+            "guide engine weights": guide.weights_per_gpu if guide else 0,
+        }
+    return phases, host
+
+
+_KNOBS = {
+    "rollout": "lower rollout.vllm_gpu_memory_utilization or guide.vllm_gpu_memory_utilization, raise "
+    "rollout.vllm_tensor_parallel_size, or set rl.offload=on",
+    "update": "raise parallel.tp or parallel.pp, set parallel.distributed_optimizer=true, or lower "
+    "rollout.max_new_tokens or rl.micro_batch_size",
+    "sync": "raise rollout.vllm_tensor_parallel_size, lower rollout.sync_bucket_mb, or set rl.offload=on",
+}
+
+
+def check_fits(plan: Plan, cfg: RunConfig) -> None:
+    """A one-line ConfigError naming the first phase (or the host) that does not fit, and what to turn."""
+    e = plan.engine
+    if cfg.rollout.engine == "vllm" and e.max_sequences < 1:
+        raise ConfigError(
+            f"plan: the policy engine's KV cache ({e.kv_cache / GIB:.1f} GiB of a "
+            f"{e.budget / GIB:.1f} GiB budget after {e.weights / GIB:.1f} GiB of weights) holds no full "
+            f"{plan.seq_len}-token sequence: raise rollout.vllm_gpu_memory_utilization or "
+            "rollout.vllm_tensor_parallel_size, or lower rollout.max_new_tokens"
+        )
+    guide = plan.helpers.get("guide")
+    if guide and cfg.rollout.engine == "vllm" and guide.budget <= guide.weights_per_gpu:
+        raise ConfigError(
+            f"plan: the guide engine's budget ({guide.budget / GIB:.1f} GiB) does not hold its weights "
+            f"({guide.weights_per_gpu / GIB:.1f} GiB) and a KV cache: raise "
+            "guide.vllm_gpu_memory_utilization or rollout.vllm_tensor_parallel_size"
+        )
+    for phase in PHASES:
+        need = plan.phase_total(phase)
+        if need > plan.gpu_memory:
+            parts = sorted(plan.phases[phase].items(), key=lambda kv: -kv[1])[:4]
+            biggest = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts)
+            raise ConfigError(
+                f"plan: the {phase} phase needs {need / GIB:.1f} GiB per GPU of {plan.gpu_memory / GIB:g} "
+                f"({biggest}): {_KNOBS[phase]}"
+            )
+    usable = HOST_USABLE * plan.host_memory
+    if plan.host_per_node > usable:
+        raise ConfigError(
+            f"plan: host memory per node needs {plan.host_per_node / GIB:.0f} GiB of {usable / GIB:.0f} "
+            f"usable ({plan.gpus_per_node} GPUs x {sum(plan.host_per_gpu.values()) / GIB:.1f} GiB): set "
+            "rollout.vllm_sleep_level=2, rl.offload=off, or spread the job over more nodes"
+        )
+
+
+def check_memory_here(cfg: RunConfig, world_size: int) -> None:
+    """On a CUDA node, before any rank starts work: `make_plan` for this node's GPU and host memory, so
+    a phase that cannot fit stops the launch with its one-line ConfigError. Nothing on a CPU run."""
+    import psutil
+    import torch
+
+    from scope_mega.runtime.distributed import resolve_device
+
+    if resolve_device(cfg.device).type != "cuda":
+        return
+    gpus = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "0")) or 0)
+    make_plan(
+        cfg,
+        "cuda",
+        world_size,
+        torch.cuda.get_device_properties(0).total_memory / GIB,
+        gpus_per_node=gpus or torch.cuda.device_count(),
+        host_memory_gib=psutil.virtual_memory().total / GIB,
+    )
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GIB:7.2f} GiB"
 
 
 def format_plan(plan: Plan) -> str:
@@ -452,15 +643,34 @@ def format_plan(plan: Plan) -> str:
         f"({e.kv_bytes_per_token} B/token), {e.max_sequences} full sequences per replica",
     ]
     for name, h in plan.helpers.items():
-        lines.append(f"{name} weights per GPU:      {_gib(h['weights_per_gpu'])}  ({h['path']})")
+        budget = f", budget {_gib(h.budget).strip()}" if h.budget else ""
+        size = f"weights per GPU {_gib(h.weights_per_gpu).strip()}{budget}"
+        lines.append(f"{name}: {h.params / 1e9:.2f} B params ({h.source}); {size}")
+    lines += ["", *format_phases(plan)]
     lines += [f"WARNING: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
 
-def plan_json(plan: Plan) -> dict[str, Any]:
-    d = dataclasses.asdict(plan)
-    d["trainer"]["total"] = plan.trainer.total
-    return d
+def format_phases(plan: Plan) -> list[str]:
+    """The per-phase table: every component's GiB per GPU in rollout, update and sync."""
+    names = list(plan.phases["update"] | plan.phases["rollout"] | plan.phases["sync"])  # update's order
+    lines = [
+        f"memory per GPU by phase, GiB (offload {'on' if plan.offload else 'off'}; "
+        f"{plan.gpu_memory / GIB:g} GiB per GPU):",
+        f"  {'':28s}" + "".join(f"{p:>10s}" for p in PHASES),
+    ]
+    for k in names:
+        cells = [plan.phases[p].get(k, 0) / GIB for p in PHASES]
+        lines.append(f"  {k:28s}" + "".join(f"{c:10.2f}" if c else f"{'-':>10s}" for c in cells))
+    totals = [plan.phase_total(p) / GIB for p in PHASES]
+    lines.append(f"  {'total':28s}" + "".join(f"{c:10.2f}" for c in totals))
+    if plan.host_per_gpu:
+        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in plan.host_per_gpu.items() if v)
+        lines.append(
+            f"host memory per node ({plan.gpus_per_node} GPUs): {plan.host_per_node / GIB:.1f} GiB of "
+            f"{plan.host_memory / GIB:g} ({parts or 'nothing'} GiB per GPU)"
+        )
+    return lines
 
 
 def add_plan_arguments(parser) -> None:
@@ -473,3 +683,5 @@ def add_plan_arguments(parser) -> None:
     )
     parser.add_argument("--world-size", type=int, default=None, help="GPUs in the job (plan)")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU (plan)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (host memory plan)")
+    parser.add_argument("--host-memory-gib", type=float, default=1024.0, help="host memory per node (plan)")

@@ -43,6 +43,7 @@ from scope_mega.logging import MetricsLogger, is_rank0
 from scope_mega.metrics import merge_stats, rollout_metrics, scope_metrics, timed, weighted_mean
 from scope_mega.models.arch import load_hf_config
 from scope_mega.models.gpt import build_gpt_model
+from scope_mega.plan import check_memory_here
 from scope_mega.rl.advantages import group_advantages
 from scope_mega.rl.loss import PolicyLossConfig, policy_loss
 from scope_mega.rollout.engine import SamplingParams
@@ -385,13 +386,14 @@ def build_engine(cfg: RunConfig, task: Task, model, name: str, served: Served):
         return engine, engine
     from scope_mega.rollout.collective import CollectiveEngine
 
+    policy = name == "policy"
     local = make_engine(
         "vllm",
         model,
         tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size,
-        gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+        gpu_memory_utilization=(cfg.rollout if policy else cfg.guide).vllm_gpu_memory_utilization,
         quantization="fp8" if cfg.rollout.vllm_fp8_weights else None,
-        sleep_level=cfg.rollout.vllm_sleep_level if name == "policy" else 1,  # a guide is never re-synced
+        sleep_level=cfg.rollout.vllm_sleep_level if policy else 1,  # a guide is never re-synced
         seed=cfg.seed,
         **kwargs,
     )
@@ -474,7 +476,9 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     """The RL stage; returns the final evaluation metrics. Exits with PREEMPTED_EXIT_CODE on a stop signal."""
     from megatron.core import parallel_state
 
-    check_wired(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_wired(cfg, world)
+    check_memory_here(cfg, world)  # every phase fits this node's GPUs (CUDA), or a one-line error
     device = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.device, cfg.seed)
     preemption.install_handlers()
     task = build_task(cfg)
@@ -498,6 +502,10 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     )
     state = setup_training(model, spec.vocab_size, rl_optim, cfg.parallel, cfg.rl.steps)
     trainer = load_checkpoint(resume, state) if resume else TrainerState()
+    # between updates the trainer keeps only its weights on the device (`rl.offload`); the engines,
+    # built next, find the memory free
+    offload = TrainerOffload(state, offload_wanted(cfg.rl.offload, device.type))
+    offload.to_host()
     reference = build_reference(cfg, device) if cfg.loss.kl_coef > 0 else None
 
     scope_on = cfg.scope.enabled and cfg.scope.active_method != "grpo"
@@ -512,9 +520,6 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         guide_engine, guide_driver = build_engine(cfg, task, cfg.guide.guide_model, "guide", served)
     engines = [e for e in (engine, guide_engine) if e is not None]
     bucket = cfg.rollout.sync_bucket_mb << 20
-    # between updates the trainer keeps only its weights on the device (`rl.offload`)
-    offload = TrainerOffload(state, offload_wanted(cfg.rl.offload, device))
-    offload.to_host()
     sync_weights(engine, state.model[0], spec, bucket, every_rank=vllm)
 
     config_dict = to_dict(cfg)

@@ -24,10 +24,10 @@ import torch
 from scope_mega.train_step import TrainState
 
 
-def offload_wanted(setting: str, device: torch.device) -> bool:
+def offload_wanted(setting: str, device_type: str) -> bool:
     """`rl.offload`: `on`, `off`, or `auto` -- on when the engines share a GPU with the trainer. On a
     CPU the "device" is host memory already, so `auto` is off there (`on` still runs the mechanism)."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+    return setting == "on" or (setting == "auto" and device_type == "cuda")
 
 
 def _buffers(state: TrainState) -> list:

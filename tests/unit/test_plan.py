@@ -10,7 +10,7 @@ import pytest
 from scope_mega.cli import main
 from scope_mega.config import ConfigError
 from scope_mega.models.arch import load_hf_config
-from scope_mega.plan import GIB, Arch, load_config_for_target, make_plan
+from scope_mega.plan import GIB, PHASES, RESERVE, SLEEPING_ENGINE, Arch, load_config_for_target, make_plan
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CLUSTER = {  # example -> (world size, expected trainer layout line, HF parameter count)
@@ -31,7 +31,139 @@ def test_example_dry_run_validates_on_cpu(name, capsys):
         assert role in out
     for item in ("weights", "grads (fp32)", "Adam states", "activations (rough)", "KV cache"):
         assert item in out
-    assert "WARNING" not in out
+    assert "memory per GPU by phase, GiB (offload on; 80 GiB per GPU)" in out
+    assert "WARNING" not in out and "unknown" not in out
+    cfg, target, _ = load_config_for_target(EXAMPLES / name)
+    plan = make_plan(cfg, target, world_size=world)  # raises if a phase does not fit
+    for phase in PHASES:
+        assert 0.6 * plan.gpu_memory < plan.phase_total(phase) <= plan.gpu_memory or phase == "sync"
+    assert plan.host_per_node <= 0.9 * plan.host_memory
+
+
+def test_a_phase_that_cannot_fit_is_refused_in_one_line(capsys):
+    ex = str(EXAMPLES / "qwen2.5-math-7b.yaml")
+    cases = {
+        "rollout.vllm_gpu_memory_utilization=0.6": "the rollout phase needs 89.2 GiB per GPU of 80",
+        "rl.offload=off": "the rollout phase needs 98.0 GiB per GPU of 80",
+        "parallel.distributed_optimizer=false": "the update phase needs 92.3 GiB per GPU of 80",
+        "rollout.vllm_gpu_memory_utilization=0.05": "the policy engine's KV cache",
+        "guide.vllm_gpu_memory_utilization=0.05": "the guide engine's budget (4.0 GiB) does not hold",
+        "--host-memory-gib=128": "host memory per node needs 199 GiB of 115 usable",
+    }
+    for override, message in cases.items():
+        assert main(["train", ex, "--dry-run", "--world-size", "8", override]) == 2, override
+        err = capsys.readouterr().err
+        assert err.startswith(f"config error: plan: {message}") and err.count("\n") == 1, err
+    # the knob to turn is named
+    main(["train", ex, "--dry-run", "--world-size", "8", "rollout.vllm_gpu_memory_utilization=0.6"])
+    assert "lower rollout.vllm_gpu_memory_utilization" in capsys.readouterr().err
+
+
+def test_a_launch_that_cannot_fit_stops_before_any_rank_starts(monkeypatch):
+    """On a CUDA node `run_train` plans with the node's own GPU and host memory and stops before
+    `init_distributed` (here: a stand-in CUDA node with 80 GiB GPUs and 1 TiB of host memory)."""
+    import types
+
+    import psutil
+    import torch
+
+    from scope_mega import trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * GIB)
+    )
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(total=1024 * GIB))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+
+    def started(*args, **kwargs):
+        raise AssertionError("a rank started work")
+
+    monkeypatch.setattr(trainer, "init_distributed", started)
+    monkeypatch.setattr(trainer, "check_wired", lambda *a: None)  # it reads the guide's config.json
+    cfg, _, _ = load_config_for_target(
+        EXAMPLES / "qwen2.5-math-7b.yaml", ["rollout.vllm_gpu_memory_utilization=0.6"]
+    )
+    with pytest.raises(ConfigError, match="the rollout phase needs 89.2 GiB per GPU of 80"):
+        trainer.run_train(cfg)
+    cfg, _, _ = load_config_for_target(EXAMPLES / "qwen2.5-math-7b.yaml")
+    with pytest.raises(AssertionError, match="a rank started work"):  # the example fits: it goes on
+        trainer.run_train(cfg)
+
+
+def test_phases_by_hand(tmp_path):
+    """Every component of every phase, computed by hand for a small config: Llama h=1024, f=4096, 8
+    layers, 16 heads, 4 KV heads (d=64), vocab 32000 untied; TP=2, DP=2 (4 GPUs of 16 GiB), bf16,
+    distributed optimizer; vLLM TP=2; a 0.5 B PRM and a 1 B guide stated in the config."""
+    config = tmp_path / "small.yaml"
+    config.write_text(
+        """
+device: auto
+model:
+  hf_config: {model_type: llama, hidden_size: 1024, intermediate_size: 4096, num_hidden_layers: 8,
+              num_attention_heads: 16, num_key_value_heads: 4, vocab_size: 32000,
+              max_position_embeddings: 2048, tie_word_embeddings: false}
+parallel: {tp: 2, distributed_optimizer: true}
+rollout: {engine: vllm, max_new_tokens: 1024, vllm_tensor_parallel_size: 2, vllm_gpu_memory_utilization: 0.5}
+rl: {micro_batch_size: 2, prompts_per_step: 8, group_size: 4}
+scope: {enabled: true, method: scope, guide: engine}
+guide: {prm: model, prm_path: /absent/prm, guide_model: /absent/guide, vllm_gpu_memory_utilization: 0.25,
+        prm_params_b: 0.5, guide_params_b: 1.0}
+"""
+    )
+    cfg, target, _ = load_config_for_target(config)
+    plan = make_plan(cfg, target, world_size=4, gpu_memory_gib=16)
+    # per GPU: 8 layers x (sharded (1536 + 1024) x 1024 + 3 x 1024 x 4096 = 15,204,352 / 2 + norms 2048)
+    # + embedding and output layer 2 x 32000 x 1024 / 2 + final norm 1024
+    p = 8 * (15_204_352 // 2 + 2048) + 32000 * 1024 + 1024
+    assert p == 93_602_816 == plan.trainer.params_per_gpu
+    weights, grads, adam = 2 * p, 4 * p, 12 * p // 2  # bf16; fp32 grads; Adam / DP=2
+    # activations: 2 x (4h + ((2x16 + 2x4) x 64 + 3f) / TP) = 23,040 B per token and layer, 2 x 1024
+    # tokens, 8 layers; fp32 logits and their gradient 2048 x 32000 / 2 x 8
+    act = 8 * 2048 * 23_040 + 2048 * 32000 // 2 * 8
+    prm_weights, prm_act = 500_000_000 * 2 // 2, 8 * 1024 * 23_040  # 8 sequences, one layer alive
+    engine_weights = (2 * 32000 * 1024 + 8 * (15_204_352 + 2048) + 1024) * 2 // 2
+    guide_weights = 1_000_000_000 * 2 // 2
+    bucket = 64 << 20
+    assert plan.phases["rollout"] == {
+        "trainer weights": weights,
+        "PRM weights": prm_weights,
+        "activations": prm_act,
+        "policy engine": 8 * GIB,  # 0.5 x 16 GiB: weights and KV cache
+        "guide engine": 4 * GIB,  # 0.25 x 16 GiB
+        "reserve": RESERVE,
+    }
+    assert plan.phases["update"] == {
+        "trainer weights": weights,
+        "PRM weights": prm_weights,
+        "grads (fp32)": grads,
+        "Adam states": adam,
+        "activations": act,
+        "policy engine": SLEEPING_ENGINE,
+        "guide engine": SLEEPING_ENGINE,
+        "reserve": RESERVE,
+    }
+    assert plan.phases["sync"] == {
+        "trainer weights": weights,
+        "PRM weights": prm_weights,
+        "activations": 2 * bucket,
+        "policy engine": engine_weights + SLEEPING_ENGINE,
+        "guide engine": SLEEPING_ENGINE,
+        "reserve": RESERVE,
+    }
+    # KV cache: 8 GiB - weights, 2 x 8 layers x (4 KV heads / TP 2) x 64 x 2 bytes per token
+    assert plan.engine.kv_bytes_per_token == 4096 and plan.engine.kv_cache == 8 * GIB - engine_weights
+    assert plan.host_per_gpu == {
+        "offloaded Adam states": adam,
+        "policy engine weights": engine_weights,
+        "guide engine weights": guide_weights,
+    }
+    assert plan.host_per_node == 4 * (adam + engine_weights + guide_weights)  # 4 GPUs on the node
+    cfg_off, _, _ = load_config_for_target(config, ["rl.offload=off"])
+    off = make_plan(cfg_off, target, world_size=4, gpu_memory_gib=20)  # 16 GiB would not fit
+    assert off.phases["rollout"]["Adam states"] == adam and off.phases["sync"]["grads (fp32)"] == grads
+    assert off.host_per_gpu["offloaded Adam states"] == 0
 
 
 @pytest.mark.parametrize("name", sorted(CLUSTER))
@@ -71,11 +203,11 @@ def test_7b_tp2_memory_by_hand():
     per_tok_layer = 2 * (4 * h / 2 + ((2 * 28 + 2 * 4) * 128 + 3 * f) / 2)
     assert per_tok_layer == 79360
     assert t.activations == int(L * 4096 * per_tok_layer + 4096 * V // 2 * 8)
-    # engine: TP=1 bf16 weights, KV = 2 * layers * kv_heads * head_dim * 2 bytes per token
+    # engine: TP=2 bf16 weights, KV = 2 * layers * kv_heads / TP * head_dim * 2 bytes per token
     e = plan.engine
-    assert e.weights == total * 2
-    assert e.kv_bytes_per_token == 2 * 28 * 4 * 128 * 2
-    assert e.budget == int(0.6 * 80 * GIB) and e.kv_cache == e.budget - e.weights
+    assert e.weights == total * 2 // 2
+    assert e.kv_bytes_per_token == 2 * 28 * 2 * 128 * 2
+    assert e.budget == int(0.4 * 80 * GIB) and e.kv_cache == e.budget - e.weights
 
 
 def test_70b_pipeline_stage_and_in_flight():
