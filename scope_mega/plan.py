@@ -15,7 +15,7 @@ Layout per role (world size W GPUs, from `--world-size`, else $WORLD_SIZE / $SLU
 - policy trainer: Megatron TP x PP x DP with DP = W / (TP*PP*CP).
 - rollout engine: `rollout.vllm_tensor_parallel_size` GPUs per replica (1 for the hf engine), W / TP_e
   replicas colocated with the trainer (the engine sleeps while the trainer runs).
-- PRM (`guide.prm: model`): a Megatron forward-only model at the policy's TP (PP 1), colocated.
+- PRM (`guide.prm: model`): a Megatron forward-only model in the policy's TP x PP layout, colocated.
 - guide (`scope.guide: engine`): a second engine of the rollout kind and TP.
 
 Memory per GPU, bytes (P = parameters held by one GPU on the heaviest pipeline stage; TP-sharded
@@ -38,7 +38,8 @@ matrices divided by TP, norms replicated; embedding on the first stage, output l
   per token = 2 (K and V) * layers * max(1, G / TP_e) * d * 2. The guide engine has its own budget
   (`guide.vllm_gpu_memory_utilization`); the transformers engine's is its weights plus the KV cache of
   its driver's whole batch.
-- PRM: bf16 weights / the trainer's TP; its forward holds one layer's activations for 8 sequences.
+- PRM: bf16 weights / (TP * PP), stages taken as even; its forward holds one layer's activations for
+  8 sequences.
   The PRM's and the guide's sizes come from their config.json where this machine can read it, else
   from `guide.prm_params_b` / `guide.guide_params_b`; neither is an error.
 
@@ -429,8 +430,8 @@ def make_plan(
                 f"the PRM in {cfg.guide.prm_path} has {prm.kv_heads} KV heads; it runs at the trainer's "
                 f"parallel.tp={par.tp}, which must divide them"
             )
-        roles.append(Role("PRM (Megatron, forward only)", par.tp, 1, world // par.tp, source))
-        helpers["prm"] = Helper(n, source, n * 2 // par.tp)  # bf16, at the trainer's TP
+        roles.append(Role("PRM (Megatron, forward only)", par.tp, par.pp, dp, source))
+        helpers["prm"] = Helper(n, source, n * 2 // (par.tp * par.pp))  # bf16, the trainer's layout
         # one forward of PRM_BATCH sequences, one layer alive at a time (the policy's shape if unknown)
         prm_layer = (prm or a).activation_bytes_per_token_layer(par.tp, par.sequence_parallel)
         prm_activations = int(PRM_BATCH * seq * prm_layer)

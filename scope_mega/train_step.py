@@ -114,14 +114,8 @@ def _forward_step(vocab_size: int, loss_fn: LossFn, need_entropy: bool, data_ite
     return output, loss_func
 
 
-def _run_schedule(
-    model: list,
-    vocab_size: int,
-    micro_batches: list[Batch],
-    loss_fn: LossFn,
-    forward_only: bool,
-    need_entropy: bool,
-) -> list:
+def _schedule(model: list, micro_batches: list[Batch], forward_step_func, forward_only: bool) -> list:
+    """Megatron's schedule for this PP size over micro-batches of one [batch, seq] shape."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     shapes = {tuple(mb["input_ids"].shape) for mb in micro_batches}
@@ -131,7 +125,7 @@ def _run_schedule(
         )
     ((mbs, seq),) = shapes
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, vocab_size, loss_fn, need_entropy),
+        forward_step_func=forward_step_func,
         data_iterator=iter(micro_batches),
         model=model,
         num_microbatches=len(micro_batches),
@@ -139,6 +133,39 @@ def _run_schedule(
         micro_batch_size=mbs,
         forward_only=forward_only,
     )
+
+
+def _run_schedule(
+    model: list,
+    vocab_size: int,
+    micro_batches: list[Batch],
+    loss_fn: LossFn,
+    forward_only: bool,
+    need_entropy: bool,
+) -> list:
+    step = partial(_forward_step, vocab_size, loss_fn, need_entropy)
+    return _schedule(model, micro_batches, step, forward_only)
+
+
+def pipeline_forward(
+    model: list, micro_batches: list[Batch], on_output: Callable[[torch.Tensor, Batch], None]
+) -> None:
+    """Forward only, through the pipeline schedule (any PP size): on the last stage, `on_output(output,
+    batch)` gets each micro-batch's model output, in order. Every rank of the model-parallel group
+    calls it with micro-batches of the same shapes."""
+
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        output = chunk(batch["input_ids"], batch["position_ids"], attention_mask=None)
+
+        def keep(out: torch.Tensor):
+            on_output(out, batch)
+            return out.sum() * 0, torch.zeros((), dtype=torch.int), {}
+
+        return output, keep
+
+    with torch.no_grad():
+        _schedule(model, micro_batches, forward_step, forward_only=True)
 
 
 def _reduce_metrics(outputs: list[Metrics]) -> dict[str, float]:
@@ -201,12 +228,10 @@ def store_logprobs(model: list, vocab_size: int, micro_batches: list[Batch], key
     through the same pipeline schedule, so the logprobs land on the last stage, where the loss reads them.
     """
 
-    def stash(logprobs: torch.Tensor, batch: Batch, entropy: torch.Tensor | None):
-        batch[key] = logprobs.detach()
-        return logprobs.sum() * 0, torch.zeros((), dtype=torch.int), {}
+    def stash(logits: torch.Tensor, batch: Batch) -> None:
+        batch[key] = token_logprobs(logits, batch["targets"], vocab_size)
 
-    with torch.no_grad():
-        _run_schedule(model, vocab_size, micro_batches, stash, forward_only=True, need_entropy=False)
+    pipeline_forward(model, micro_batches, stash)
 
 
 def shard_for_data_parallel(items: list, dp_rank: int, dp_size: int) -> list:

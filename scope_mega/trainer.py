@@ -303,11 +303,8 @@ def check_wired(cfg: RunConfig, world_size: int | None = None, target: str | Non
             "loss.kl_coef > 0 needs the starting weights as the reference: set rl.init_from or run the "
             "SFT stage into this run directory first"
         )
-    if cfg.scope.enabled and cfg.guide.prm == "model":
-        if not cfg.guide.prm_path:
-            raise ConfigError("guide.prm=model needs guide.prm_path (a converted PRM checkpoint directory)")
-        if cfg.parallel.pp != 1:
-            raise ConfigError("guide.prm=model scores with pipeline parallel size 1; set parallel.pp=1")
+    if cfg.scope.enabled and cfg.guide.prm == "model" and not cfg.guide.prm_path:
+        raise ConfigError("guide.prm=model needs guide.prm_path (a converted PRM checkpoint directory)")
 
 
 def check_vllm(cfg: RunConfig, world_size: int | None, target: str | None = None) -> None:
@@ -338,7 +335,7 @@ def check_vllm(cfg: RunConfig, world_size: int | None, target: str | None = None
 
 def build_prm(cfg: RunConfig, device: torch.device, served: Served):
     """SCOPE's PRM: Countdown's exact step checker, or a Megatron PRM loaded on every rank of the
-    model-parallel group (TP-sharded like the policy), driven by the group's driver (`ServedPRM`)."""
+    model-parallel group (in the policy's TP and PP layout), driven by the group's driver (`ServedPRM`)."""
     if cfg.guide.prm == "oracle":
         return CountdownOraclePRM(cfg.task.ops)
     import transformers

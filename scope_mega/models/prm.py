@@ -183,11 +183,13 @@ def step_probabilities(logits: torch.Tensor, token_mask: torch.Tensor) -> list[l
 
 
 class MegatronPRM(PRM):
-    """`PRM` backed by a loaded `build_prm_model` stage (TP ok; PP and CP must be 1).
+    """`PRM` backed by a loaded `build_prm_model` stage (any TP and PP; CP must be 1).
 
-    `score_batch` is collective over the TP group: every TP rank must call it with the same inputs (as
-    every rank of a TP group does with its data-parallel share). Sequences are right-padded; with
-    causal attention the padding never reaches a real position, so no padding mask is needed.
+    `score_batch` is collective over the model-parallel group: every rank of it must call it with the
+    same inputs (`ServedPRM` arranges that). Sequences are right-padded to one width and go through the
+    pipeline schedule in micro-batches of `max_batch_size`; with causal attention the padding never
+    reaches a real position, so no padding mask is needed. The last stage computes the scores and
+    sends them to the rest of its pipeline.
     """
 
     def __init__(
@@ -201,8 +203,6 @@ class MegatronPRM(PRM):
     ) -> None:
         from megatron.core import parallel_state
 
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise ConfigError("MegatronPRM runs with pipeline parallel size 1; score with parallel.pp=1")
         if parallel_state.get_context_parallel_world_size() > 1:
             raise ConfigError("MegatronPRM runs with context parallel size 1; score with parallel.cp=1")
         self.model = model
@@ -230,34 +230,53 @@ class MegatronPRM(PRM):
             raise ValueError(f"PRM input of {len(ids)} tokens is longer than max_length={self.max_length}")
         return ids
 
-    @torch.no_grad()
-    def logits(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Class logits [batch, padded_seq, 2] for right-padded token sequences."""
+    def _micro_batches(self, encoded: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+        """Right-padded [b, width] micro-batches of `max_batch_size` rows (the last filled with empty
+        rows): the pipeline schedule needs one shape for all of them."""
         device = next(self.model.parameters()).device
-        width = max(len(ids) for ids in batch)
+        width = max(len(ids) for ids in encoded)
         if self.config.sequence_parallel:
             width = -(-width // self.tp) * self.tp
-        tokens = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-        for i, ids in enumerate(batch):
-            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        positions = torch.arange(width, device=device).expand(len(batch), width)
-        return self.model(tokens, positions, attention_mask=None)
+        rows = min(self.max_batch_size, len(encoded))
+        batches = []
+        for start in range(0, len(encoded), rows):
+            chunk = encoded[start : start + rows]
+            tokens = torch.zeros(rows, width, dtype=torch.long, device=device)
+            for i, ids in enumerate(chunk):
+                tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask = tokens == self.sep_id
+            mask[len(chunk) :] = False
+            positions = torch.arange(width, device=device).expand(rows, width)
+            batches.append(dict(input_ids=tokens, position_ids=positions, separators=mask, rows=len(chunk)))
+        return batches
 
     def score_batch(self, questions: Sequence[str], steps: Sequence[Sequence[str]]) -> list[list[float]]:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from scope_mega.train_step import pipeline_forward
+
         encoded = [self.encode(q, s) for q, s in zip(questions, steps, strict=True)]
+        if not encoded:
+            return []
+        out: list[list[float]] = []
+
+        def collect(logits: torch.Tensor, batch: dict) -> None:
+            out.extend(step_probabilities(logits, batch["separators"])[: batch["rows"]])
+
         was_training = self.model.training
         self.model.eval()
-        out: list[list[float]] = []
         try:
-            for start in range(0, len(encoded), self.max_batch_size):
-                chunk = encoded[start : start + self.max_batch_size]
-                logits = self.logits(chunk)
-                mask = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
-                for i, ids in enumerate(chunk):
-                    mask[i, : len(ids)] = torch.tensor(ids, device=logits.device) == self.sep_id
-                out += step_probabilities(logits, mask)
+            pipeline_forward([self.model], self._micro_batches(encoded), collect)
         finally:
             self.model.train(was_training)
+        group = parallel_state.get_pipeline_model_parallel_group()
+        if dist.get_world_size(group) > 1:  # the scores live on the last stage
+            box = [out]
+            dist.broadcast_object_list(
+                box, src=dist.get_global_rank(group, dist.get_world_size(group) - 1), group=group
+            )
+            out = box[0]
         return out
 
 

@@ -1,7 +1,7 @@
-"""End to end: math RL at TP=2 on CPU with the tiny model kit (tools/make_tiny_math_kit.py).
+"""End to end: math RL at TP=2 (and PP=2) on CPU with the tiny model kit (tools/make_tiny_math_kit.py).
 
 Exercises what only the math task uses: the HF tokenizer and prompt template, math-verify rewards, the
-Megatron PRM served over the TP group while the driver rectifies, a guide engine whose logprobs feed the
+Megatron PRM served over the model-parallel group while the driver rectifies, a guide engine whose logprobs feed the
 clipped off-policy loss, and the KL reference. The models are random, so every rollout fails; the
 guide's continuations are kept (`require_correct=false`) and an entropy bonus moves the weights.
 """
@@ -38,10 +38,12 @@ def kit(tmp_path_factory):
 
 # vllm: the policy and the guide are two vLLM engines at TP=2 on both ranks, the PRM is Megatron's
 ENGINES = {"hf": [], "vllm": ["rollout.engine=vllm", "rollout.vllm_tensor_parallel_size=2"]}
+# the trainer's layout: TP=2, and PP=2, where the PRM's forward runs through the pipeline schedule
+LAYOUTS = {("hf", "tp2"): 2, ("vllm", "tp2"): 2, ("hf", "pp2"): 1}
 
 
-@pytest.mark.parametrize("engine", list(ENGINES))
-def test_math_rl_with_model_prm_engine_guide_kl_and_clip(kit, engine, tmp_path):
+@pytest.mark.parametrize(("engine", "layout"), list(LAYOUTS))
+def test_math_rl_with_model_prm_engine_guide_kl_and_clip(kit, engine, layout, tmp_path):
     run = tmp_path / "run"
     cmd = [
         str(Path(sys.executable).with_name("torchrun")),
@@ -53,7 +55,8 @@ def test_math_rl_with_model_prm_engine_guide_kl_and_clip(kit, engine, tmp_path):
         str(REPO / "examples/tiny_math_cpu.yaml"),
         f"run_dir={run}",
         "wandb_mode=disabled",
-        "parallel.tp=2",
+        f"parallel.tp={LAYOUTS[engine, layout]}",
+        f"parallel.pp={3 - LAYOUTS[engine, layout]}",
         "rl.steps=2",
         "loss.entropy_coef=0.01",
         f"model.hf_config={kit['policy_megatron'] / 'hf'}",
@@ -87,7 +90,7 @@ def test_math_rl_with_model_prm_engine_guide_kl_and_clip(kit, engine, tmp_path):
     evals = [m for m in read_metrics(run) if "eval/greedy_acc" in m]
     assert [m["step"] for m in evals] == [0, 2]
     state = json.loads((run / "checkpoints_rl" / "step_00000002" / "trainer_state.json").read_text())
-    assert state["tp"] == 2
+    assert (state["tp"], state["pp"]) == (LAYOUTS[engine, layout], 3 - LAYOUTS[engine, layout])
     # the HF export carries the math task's transformers tokenizer and its stop tokens
     _, info = transformers.AutoModelForCausalLM.from_pretrained(
         run / "hf", local_files_only=True, output_loading_info=True

@@ -98,7 +98,6 @@ def test_trainer_refuses_what_it_cannot_run(capsys, tmp_path):
             "model's 3 KV heads",
         ),
         (["guide.prm=model"], "guide.prm=model needs guide.prm_path"),
-        (["guide.prm=model", "guide.prm_path=/x", "parallel.pp=2"], "guide.prm=model scores with pipeline"),
     ]:
         world = [o for o in overrides if o.startswith("WORLD=")]
         overrides = [o for o in overrides if o not in world]
