@@ -531,9 +531,10 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     )
     my_eval = task.eval[dp_rank::dp]  # each replica's driver evaluates its share
 
-    def driven(work):
+    def driven(work, memory: dict[str, float] | None = None):
         """`work()` on the driver while the group's other ranks serve its collective calls, with this
-        rank's engines awake; the driver's result, broadcast to the group."""
+        rank's engines awake (their memory, CUDA, into `memory` before they sleep); the driver's
+        result, broadcast to the group."""
         for e in engines:
             e.wake_up()
         result = None
@@ -544,6 +545,8 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
                 served.release()
         else:
             served.serve()
+        if memory is not None:
+            memory.update(phase_memory("rollout", device))
         for e in engines:
             e.sleep()
         return _driver_broadcast(result, is_driver)
@@ -570,8 +573,8 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         mine = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         seed = cfg.seed + trainer.step * 9973 + dp_rank
         guide = step_guide(cfg, task, guide_driver, seed) if scope_on and is_driver else None
-        samples, metrics = driven(partial(rollout_and_rectify, policy, guide, prm, task, mine, seed))
-        memory = phase_memory("rollout", device)
+        memory: dict[str, float] = {}
+        samples, metrics = driven(partial(rollout_and_rectify, policy, guide, prm, task, mine, seed), memory)
         # 4-6. the engines asleep, the trainer's state back; reference logprobs, one optimizer step
         micro = to_micro_batches(samples, cfg.rl.micro_batch_size, task.tokenizer.pad_id)
         timings: dict[str, float] = {}

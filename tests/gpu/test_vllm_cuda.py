@@ -97,3 +97,46 @@ def test_one_rl_step_with_vllm_records_phase_memory(tmp_path):
     peaks = {k: v for k, v in step.items() if k.startswith("memory/")}
     print(json.dumps(peaks, indent=1))
     assert {"memory/rollout_peak_gib", "memory/update_peak_gib"} <= peaks.keys()
+
+
+ONE_B = [  # a 1.1B Llama (TinyLlama's shape) on the Countdown task, random weights
+    "model.hf_config.hidden_size=2048",
+    "model.hf_config.intermediate_size=5632",
+    "model.hf_config.num_hidden_layers=22",
+    "model.hf_config.num_attention_heads=32",
+    "model.hf_config.num_key_value_heads=4",
+    "model.hf_config.max_position_embeddings=2048",
+    "model.params_dtype=bfloat16",
+    "rollout.engine=vllm",
+    "rollout.vllm_gpu_memory_utilization=0.3",
+    "rl.steps=2",
+    "rl.eval_interval=0",
+    "rl.num_eval_problems=8",
+]
+
+
+def test_plan_against_measured_memory_for_a_1b_model(tmp_path):
+    """Two RL steps of a 1.1B model with vLLM and offload (rl.offload=auto is on for CUDA); each phase's
+    device memory in use at its end (`memory/<phase>_used_gib`, vLLM included) must stay within the
+    dry-run plan's total for that phase on this GPU. Prints both, for the record."""
+    pytest.importorskip("vllm")
+    from scope_mega.plan import GIB, PHASES, make_plan
+    from scope_mega.validation import load_config
+
+    run = tmp_path / "run"
+    overrides = [f"run_dir={run}", "device=cuda", "wandb_mode=disabled", *ONE_B]
+    cmd = [sys.executable, "-m", "scope_mega.cli", "train", str(REPO / "examples/tiny_cpu.yaml"), *overrides]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in rows if m.get("stage") == "rl" and "loss" in m]
+    cfg = load_config(REPO / "examples/tiny_cpu.yaml", overrides)
+    total = torch.cuda.get_device_properties(0).total_memory / GIB
+    plan = make_plan(cfg, "cuda", world_size=1, gpu_memory_gib=total)
+    for phase in PHASES:
+        planned = plan.phase_total(phase) / GIB
+        used = max(m[f"memory/{phase}_used_gib"] for m in steps)
+        peak = max(m[f"memory/{phase}_peak_gib"] for m in steps)
+        print(f"{phase:8s} plan {planned:6.2f} GiB  used {used:6.2f} GiB  trainer peak {peak:6.2f} GiB")
+        assert used <= planned, f"{phase}: {used:.2f} GiB in use, the plan said {planned:.2f}"
