@@ -35,18 +35,18 @@ def _build(dtype: str, distributed: bool, dev):
     return setup_training(model, spec.vocab_size, OptimConfig(lr=1e-2), parallel, 10)
 
 
-def _step(state, seed: int) -> float:
+def _step(state, seed: int, dev) -> float:
     import torch.distributed as dist
 
     from scope_mega.train_step import lm_loss, train_step
 
     g = torch.Generator().manual_seed(seed * 10 + dist.get_rank())
-    ids = torch.randint(0, 96, (2, 17), generator=g)
+    ids = torch.randint(0, 96, (2, 17), generator=g).to(dev)
     batch = dict(
         input_ids=ids[:, :-1],
         targets=ids[:, 1:],
-        position_ids=torch.arange(16).expand(2, 16),
-        loss_mask=torch.ones(2, 16),
+        position_ids=torch.arange(16, device=dev).expand(2, 16),
+        loss_mask=torch.ones(2, 16, device=dev),
     )
     return train_step(state, [batch], lm_loss)["loss"]
 
@@ -59,21 +59,23 @@ def _tensors(state) -> list[torch.Tensor]:
     ]
 
 
-def _worker():
+def _worker(device: str = "cpu"):
+    """Also run by tests/gpu/test_offload_cuda.py with `device="cuda"` (pinned host memory)."""
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
     from scope_mega.runtime.offload import TrainerOffload, _buffers
 
-    dev = init_distributed(tp=1, device="cpu", seed=5)
+    dev = init_distributed(tp=1, device=device, seed=5)
     for dtype, distributed in LAYOUTS:
         state, twin = _build(dtype, distributed, dev), _build(dtype, distributed, dev)
         offload = TrainerOffload(state, enabled=True)
         offload.to_host()  # before any step: the Adam state does not exist yet, masters do (bf16)
         offload.to_device()
-        assert _step(state, 1) == _step(twin, 1)
+        assert _step(state, 1, dev) == _step(twin, 1, dev)
         before = _tensors(state)
         adam = sum(s.nbytes() for s in offload._storages())
         offload.to_host()
         assert adam > 0 and offload.host_bytes() >= adam
+        assert all(h.is_pinned() == (dev.type == "cuda") for h in offload._host)
         assert all(s.nbytes() == 0 for s, _ in offload._moved)
         params = [p for chunk in state.model for p in chunk.parameters()]
         assert all(p.untyped_storage().nbytes() for p in params)  # the weights stay: the engines read them
@@ -90,7 +92,7 @@ def _worker():
         for step in (2, 3):  # steps from offloaded state equal the twin's, bitwise
             offload.to_host()
             offload.to_device()
-            assert _step(state, step) == _step(twin, step), (dtype, distributed, step)
+            assert _step(state, step, dev) == _step(twin, step, dev), (dtype, distributed, step)
         for a, b in zip(_tensors(state), _tensors(twin)):
             assert torch.equal(a, b), (dtype, distributed)
     destroy_distributed()

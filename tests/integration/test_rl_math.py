@@ -1,9 +1,10 @@
 """End to end: math RL at TP=2 (and PP=2) on CPU with the tiny model kit (tools/make_tiny_math_kit.py).
 
 Exercises what only the math task uses: the HF tokenizer and prompt template, math-verify rewards, the
-Megatron PRM served over the model-parallel group while the driver rectifies, a guide engine whose logprobs feed the
-clipped off-policy loss, and the KL reference. The models are random, so every rollout fails; the
-guide's continuations are kept (`require_correct=false`) and an entropy bonus moves the weights.
+Megatron PRM served over the model-parallel group while the driver rectifies, a guide engine whose
+logprobs feed the clipped off-policy loss, and the KL reference. The models are random, so every
+rollout fails; the guide's continuations are kept (`require_correct=false`) and an entropy bonus moves
+the weights.
 """
 
 import importlib.util
