@@ -240,3 +240,26 @@ def test_tiny_cpu_plan_targets_cpu(capsys):
     assert main(["train", str(EXAMPLES / "tiny_cpu.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "# plan (target: cpu; world size 1" in out and "params float32" in out
+
+
+def test_helper_sizes_come_from_config_json_where_readable(tmp_path):
+    """A guide directory's config.json and a converted PRM's hf/config.json give the sizes (they win over
+    the stated ones); a PRM whose KV heads the trainer's TP cannot divide is refused, as build_prm does."""
+    import transformers
+
+    guide_dir, prm_dir = tmp_path / "guide", tmp_path / "prm"
+    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
+    transformers.LlamaConfig(**shape, num_key_value_heads=2, vocab_size=1000).save_pretrained(guide_dir)
+    transformers.Qwen2Config(**shape, num_key_value_heads=1, vocab_size=1000).save_pretrained(prm_dir / "hf")
+    ex = EXAMPLES / "qwen2.5-math-7b.yaml"
+    paths = [f"guide.guide_model={guide_dir}", f"guide.prm_path={prm_dir}", "parallel.tp=1"]
+    cfg, target, _ = load_config_for_target(ex, [*paths, "rollout.vllm_tensor_parallel_size=1"])
+    plan = make_plan(cfg, target, world_size=8, gpu_memory_gib=200)  # a 7B at TP=1 needs more than 80
+    guide, prm = plan.helpers["guide"], plan.helpers["prm"]
+    assert guide.source == f"{guide_dir}/config.json" and prm.source == f"{prm_dir}/config.json"
+    # embedding + untied LM head, 2 layers of (q, k, v, o, gate/up/down, two norms), final norm
+    layer = 256 * 256 + 2 * 256 * 128 + 256 * 256 + 3 * 256 * 512 + 2 * 256
+    assert guide.params == 2 * 1000 * 256 + 2 * layer + 256
+    assert guide.weights_per_gpu == guide.params * 2  # bf16, vLLM TP=1
+    with pytest.raises(ConfigError, match="has 1 KV heads; it runs at the trainer's parallel.tp=2"):
+        make_plan(load_config_for_target(ex, paths[:2])[0], "cuda", world_size=8)
