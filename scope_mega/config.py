@@ -163,6 +163,11 @@ class RLConfig(Checked):
     init_from: str | None = None  # checkpoint directory with the warm-started policy (e.g. the SFT run)
     # constant RL learning rate (the `optim` schedule is the SFT stage's)
     lr: float = field(default=1e-5, metadata=gt(0))
+    # PPO: the rollout batch is split into ppo_mini_batches mini-batches (of micro-batches), one optimizer
+    # step each, for ppo_epochs passes; with more than one step the old-policy logprobs come from one
+    # Megatron forward before the first (ratio exactly 1 there), and clipping acts from the second on
+    ppo_mini_batches: int = field(default=1, metadata=ge(1))
+    ppo_epochs: int = field(default=1, metadata=ge(1))
     # the trainer's optimizer state to host memory and its gradient buffers released while the engines
     # roll out (runtime/offload.py); auto: on CUDA, where the engines share the trainer's GPUs
     offload: Literal["auto", "on", "off"] = "auto"

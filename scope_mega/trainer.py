@@ -10,9 +10,10 @@ receives the weights there; vLLM has a worker on every rank, in its own TP layou
 receives the weights (`rollout.collective`). Groups never straddle data-parallel ranks, so GRPO
 statistics stay local; logged metrics average all replicas. Between updates the trainer's optimizer
 state sits in host memory and its gradient buffers are released (`rl.offload`, runtime/offload.py), so
-the engines have the GPU during rollouts and the weight sync. One optimizer step per rollout batch
-(fully on-policy): the old-policy logprobs are the current ones (ratio 1, exact); the KL reference is
-a frozen copy of the starting weights.
+the engines have the GPU during rollouts and the weight sync. Each rollout batch gives
+`rl.ppo_mini_batches` x `rl.ppo_epochs` optimizer steps (default one: fully on-policy, the old-policy
+logprobs are the current ones, ratio exactly 1); the KL reference is a frozen copy of the starting
+weights.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from scope_mega.scope.prm import CountdownOraclePRM
 from scope_mega.scope.rectify import rectify_groups
 from scope_mega.scope.trajectory import Trajectory
 from scope_mega.tasks import Prompt, Task, build_task
-from scope_mega.train_step import Batch, setup_training, store_logprobs, train_step
+from scope_mega.train_step import Batch, TrainState, setup_training, store_logprobs, train_step
 
 RL_CHECKPOINTS = "checkpoints_rl"
 
@@ -183,12 +184,14 @@ def to_micro_batches(samples: list[Sample], micro: int, pad_id: int) -> list[Bat
 
 
 def rl_loss(cfg: PolicyLossConfig, logprobs: torch.Tensor, batch: Batch, entropy: torch.Tensor | None):
-    """The one policy loss on a micro-batch; old logprobs = current ones (single on-policy update).
-    Reference logprobs are there when the loss has a KL term (`store_logprobs`); guide logprobs are
-    zero on tokens the guide did not write, and only the "clip" off-policy loss reads them."""
+    """The one policy loss on a micro-batch. Old logprobs: the batch's `old_logprobs` (stored before the
+    first of several updates), else the current ones (a single update: ratio exactly 1). Reference
+    logprobs are there when the loss has a KL term (`store_logprobs`); guide logprobs are zero on
+    tokens the guide did not write, and only the "clip" off-policy loss reads them."""
+    old = batch.get("old_logprobs")
     return policy_loss(
         logprobs,
-        logprobs.detach(),
+        logprobs.detach() if old is None else old,
         batch["advantages"],
         batch["on_mask"],
         batch["off_mask"],
@@ -198,6 +201,39 @@ def rl_loss(cfg: PolicyLossConfig, logprobs: torch.Tensor, batch: Batch, entropy
         guide_logprobs=batch["guide_logprobs"] if cfg.off_policy == "clip" else None,
         entropy=entropy,
     )
+
+
+PER_UPDATE = ("ratio", "clip_frac_low", "clip_frac_high", "kl", "loss")  # logged for each update
+
+
+def update_policy(
+    state: TrainState, micro: list[Batch], cfg: RunConfig, timings: dict[str, float]
+) -> dict[str, float]:
+    """Steps 4 and 6: `rl.ppo_epochs` passes over `rl.ppo_mini_batches` mini-batches (consecutive
+    micro-batches, as even as they split), one optimizer step each. With several steps the old-policy
+    logprobs come from one forward of the pre-update weights first; a single step uses the current
+    ones. Metrics: the mean over the updates, and each update's ratio, clip fractions and KL as
+    `update_<i>/<name>`."""
+    n, epochs = cfg.rl.ppo_mini_batches, cfg.rl.ppo_epochs
+    if len(micro) < n:
+        raise ConfigError(
+            f"rl.ppo_mini_batches={n} needs at least as many micro-batches per rank, got {len(micro)}: "
+            "lower rl.ppo_mini_batches or rl.micro_batch_size"
+        )
+    if n * epochs > 1:
+        with timed(timings, "old_logprobs"):
+            store_logprobs(state.model, state.vocab_size, micro, "old_logprobs")
+    bounds = [len(micro) * i // n for i in range(n + 1)]
+    updates = []
+    with timed(timings, "update"):
+        for _ in range(epochs):
+            for lo, hi in zip(bounds, bounds[1:]):
+                updates.append(train_step(state, micro[lo:hi], partial(rl_loss, cfg.loss), need_entropy=True))
+    metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+    if len(updates) > 1:
+        for i, u in enumerate(updates, 1):
+            metrics.update({f"update_{i}/{k}": u[k] for k in PER_UPDATE if k in u})
+    return metrics
 
 
 def rollout_and_rectify(
@@ -486,6 +522,13 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         raise ConfigError(
             f"rl.prompts_per_step={cfg.rl.prompts_per_step} must be divisible by the DP size {dp}"
         )
+    seqs = cfg.rl.prompts_per_step // dp * cfg.rl.group_size
+    if (n_micro := -(-seqs // cfg.rl.micro_batch_size)) < cfg.rl.ppo_mini_batches:
+        raise ConfigError(
+            f"rl.ppo_mini_batches={cfg.rl.ppo_mini_batches} is more than the {n_micro} micro-batches of "
+            f"rl.micro_batch_size={cfg.rl.micro_batch_size} that {seqs} sequences per DP rank make: "
+            "lower one of them"
+        )
     is_driver = parallel_state.get_model_parallel_group().rank() == 0
 
     model, spec = build_gpt_model(cfg.model, cfg.parallel, device)
@@ -497,7 +540,8 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     rl_optim = dataclasses.replace(
         cfg.optim, lr=cfg.rl.lr, min_lr=cfg.rl.lr, warmup_steps=0, decay_style="constant"
     )
-    state = setup_training(model, spec.vocab_size, rl_optim, cfg.parallel, cfg.rl.steps)
+    optimizer_steps = cfg.rl.steps * cfg.rl.ppo_mini_batches * cfg.rl.ppo_epochs
+    state = setup_training(model, spec.vocab_size, rl_optim, cfg.parallel, optimizer_steps)
     trainer = load_checkpoint(resume, state) if resume else TrainerState()
     # between updates the trainer keeps only its weights on the device (`rl.offload`); the engines,
     # built next, find the memory free
@@ -583,8 +627,7 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         if reference is not None:
             with timed(timings, "ref_logprobs"):
                 store_logprobs([reference], spec.vocab_size, micro, "ref_logprobs")
-        with timed(timings, "update"):
-            metrics.update(train_step(state, micro, partial(rl_loss, cfg.loss), need_entropy=True))
+        metrics.update(update_policy(state, micro, cfg, timings))
         memory.update(phase_memory("update", device))
         # 7. the trainer's state to the host, then its weights to the engines (weights woken, KV cache not)
         with timed(timings, "offload"):

@@ -34,7 +34,7 @@ CURVES = {
 
 
 # the RL step's phases as the trainer times them (timing_s/<phase>), in the order they run
-PHASES = ["rollout", "verify", "scope", "offload", "ref_logprobs", "update", "sync"]
+PHASES = ["rollout", "verify", "scope", "offload", "ref_logprobs", "old_logprobs", "update", "sync"]
 
 
 def read(run_dir: Path) -> list[dict]:

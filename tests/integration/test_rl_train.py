@@ -67,6 +67,18 @@ def test_pp2_and_offload_match_one_process(tmp_path):
     assert [[m[k] for k in keys] for m in off] == [[m[k] for k in keys] for m in one]
 
 
+def test_ppo_mini_batches_in_the_trainer(tmp_path):
+    """Two mini-batches x two epochs per rollout batch with TP=2: old logprobs from one forward before
+    the first update (ratio exactly 1 there and equal to the engine's within the logged mismatch),
+    ratios away from 1 after it; four optimizer steps per RL step. The untrained policy earns no
+    reward: an entropy bonus moves the weights."""
+    _train(tmp_path, 1, "parallel.tp=2", "rl.ppo_mini_batches=2", "rl.ppo_epochs=2", "loss.entropy_coef=0.01")
+    (step,) = _rl_steps(tmp_path)
+    assert step["update_1/ratio"] == 1.0 and step["rollout_mismatch"] < 1e-4
+    assert all(step[f"update_{i}/ratio"] != 1.0 for i in (2, 3, 4)) and "update_5/ratio" not in step
+    assert step["timing_s/old_logprobs"] > 0
+
+
 def test_dp2_splits_prompts_and_logs_every_replica(tmp_path):
     """4 prompts x 4 samples over 2 replicas: the logged counts cover all 16 rollouts, not one
     replica's 8, and the run resumes from its DP=2 checkpoint."""
