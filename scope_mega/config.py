@@ -168,6 +168,13 @@ class RLConfig(Checked):
     # Megatron forward before the first (ratio exactly 1 there), and clipping acts from the second on
     ppo_mini_batches: int = field(default=1, metadata=ge(1))
     ppo_epochs: int = field(default=1, metadata=ge(1))
+    # responses the generation limit (rollout.max_new_tokens) cut off: "keep" them as they are, "mask" them
+    # out of the loss (DAPO's overlong filtering; their group's advantages still count them), or "penalty":
+    # DAPO's soft overlong punishment, a reward falling linearly from 0 at max_new_tokens - overlong_buffer
+    # tokens to -overlong_penalty at max_new_tokens (for every response in that window, cut off or not)
+    overlong: Literal["keep", "mask", "penalty"] = "keep"
+    overlong_buffer: int = field(default=0, metadata=ge(0))
+    overlong_penalty: float = field(default=1.0, metadata=ge(0))
     # the trainer's optimizer state to host memory and its gradient buffers released while the engines
     # roll out (runtime/offload.py); auto: on CUDA, where the engines share the trainer's GPUs
     offload: Literal["auto", "on", "off"] = "auto"

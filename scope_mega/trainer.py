@@ -45,7 +45,7 @@ from scope_mega.metrics import merge_stats, rollout_metrics, scope_metrics, time
 from scope_mega.models.arch import load_hf_config
 from scope_mega.models.gpt import build_gpt_model
 from scope_mega.plan import check_memory_here
-from scope_mega.rl.advantages import group_advantages
+from scope_mega.rl.advantages import group_advantages, overlong_reward
 from scope_mega.rl.loss import PolicyLossConfig, policy_loss
 from scope_mega.rollout.engine import SamplingParams
 from scope_mega.rollout.factory import make_engine
@@ -75,6 +75,7 @@ class Sample:
     off_policy: list[bool]
     rollout_logprobs: list[float]  # 0.0 on guide tokens (never sampled by the policy's engine)
     guide_logprobs: list[float] | None = None  # an engine guide's logprobs; 0.0 on the policy's tokens
+    in_loss: bool = True  # False: masked out (a cut-off response under rl.overlong=mask)
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -118,6 +119,7 @@ def rollout_groups(
                     correct=v.correct,
                     group_id=g,
                     answer=v.extracted,
+                    truncated=c.finish_reason == "length",
                 )
                 for c, text, v in zip(comps, texts, verdicts)
             ]
@@ -125,11 +127,20 @@ def rollout_groups(
     return groups
 
 
+def final_reward(t: Trajectory, cfg: RunConfig) -> float:
+    """The reward a trajectory's advantage sees: the verifier's, plus the overlong penalty if set."""
+    if cfg.rl.overlong != "penalty":
+        return t.reward
+    length, limit = len(t.response_ids), cfg.rollout.max_new_tokens
+    return t.reward + overlong_reward(length, limit, cfg.rl.overlong_buffer, cfg.rl.overlong_penalty)
+
+
 def to_samples(groups: list[list[Trajectory]], cfg: RunConfig, dense: list | None) -> list[Sample]:
     """GRPO advantages over the final groups (or PRM-dense ones), one Sample per trajectory."""
     samples = []
     for g, group in enumerate(groups):
-        adv = group_advantages(torch.tensor([[t.reward for t in group]]), cfg.advantage)[0].tolist()
+        rewards = torch.tensor([[final_reward(t, cfg) for t in group]])
+        adv = group_advantages(rewards, cfg.advantage)[0].tolist()
         for i, t in enumerate(group):
             per_token = dense[g][i] if dense is not None else [adv[i]] * len(t.response_ids)
             samples.append(
@@ -142,6 +153,7 @@ def to_samples(groups: list[list[Trajectory]], cfg: RunConfig, dense: list | Non
                     guide_logprobs=None
                     if t.guide_logprobs is None
                     else [lp if o else 0.0 for o, lp in zip(t.off_policy, t.guide_logprobs)],
+                    in_loss=not (cfg.rl.overlong == "mask" and t.truncated),
                 )
             )
     return samples
@@ -162,8 +174,8 @@ def to_micro_batches(samples: list[Sample], micro: int, pad_id: int) -> list[Bat
             ids[r, : len(toks)] = torch.tensor(toks)
             lo, hi = len(s.prompt_ids) - 1, len(toks) - 1  # target positions of the response tokens
             offp = torch.tensor(s.off_policy, dtype=torch.bool)
-            on[r, lo:hi] = (~offp).float()
-            off[r, lo:hi] = offp.float()
+            on[r, lo:hi] = (~offp).float() * s.in_loss
+            off[r, lo:hi] = offp.float() * s.in_loss
             adv[r, lo:hi] = torch.tensor(s.advantages)
             rollout_lp[r, lo:hi] = torch.tensor(s.rollout_logprobs)
             if s.guide_logprobs is not None:
@@ -246,6 +258,9 @@ def rollout_and_rectify(
     groups = rollout_groups(engine, task, prompts, cfg.rl.group_size, seed, timings)
     metrics = rollout_metrics(groups, ks=(1,))
     metrics["reward"] = sum(t.reward for g in groups for t in g) / sum(len(g) for g in groups)
+    metrics["rollout/truncated_frac"] = sum(t.truncated for g in groups for t in g) / sum(
+        len(g) for g in groups
+    )
     infos = [p.info for p in prompts]
     with timed(timings, "scope"):  # the PRM and the guide
         final, stats = rectify_groups(

@@ -46,6 +46,11 @@ def validate(cfg: RunConfig) -> None:
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
     check_transformer_impl(cfg.model, device)
+    if cfg.rl.overlong == "penalty" and not 1 <= cfg.rl.overlong_buffer <= cfg.rollout.max_new_tokens:
+        raise ConfigError(
+            f"rl.overlong=penalty needs 1 <= rl.overlong_buffer <= rollout.max_new_tokens="
+            f"{cfg.rollout.max_new_tokens}, got {cfg.rl.overlong_buffer}"
+        )
     if cfg.sft.global_batch_size % cfg.sft.micro_batch_size:
         raise ConfigError(
             f"sft.global_batch_size={cfg.sft.global_batch_size} is not a multiple of "

@@ -11,6 +11,8 @@ which divides the token sum by a constant instead of each response's length). Th
 in different configs because the loss does not know about groups; use them together.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -78,3 +80,9 @@ def token_advantages(advantages: Tensor, response_mask: Tensor) -> Tensor:
             f"{flat.numel()} advantages do not match response_mask of shape {tuple(response_mask.shape)}"
         )
     return torch.where(response_mask.bool(), flat[:, None], 0.0)
+
+
+def overlong_reward(length: int, max_new_tokens: int, buffer: int, penalty: float) -> float:
+    """DAPO's soft overlong punishment, added to a response's reward before its group's advantages: 0 up
+    to `max_new_tokens - buffer` tokens, then falling linearly to `-penalty` at `max_new_tokens`."""
+    return min(0.0, -(length - (max_new_tokens - buffer)) / buffer * penalty)

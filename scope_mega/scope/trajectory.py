@@ -32,6 +32,7 @@ class Trajectory:
     first_error_step: k* located by the PRM (None: not scored, or no error found).
     prefix_steps: how many of the rollout's steps a salvaged trajectory kept (0 for LUFFY-style).
     salvaged: built by rectification (SCOPE or LUFFY): it carries guide tokens.
+    truncated: the generation limit cut the rollout off (a salvaged trajectory is not marked).
     """
 
     prompt_ids: list[int]
@@ -47,6 +48,7 @@ class Trajectory:
     first_error_step: int | None = None
     prefix_steps: int | None = None
     salvaged: bool = False
+    truncated: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)

@@ -23,7 +23,7 @@ def test_two_rl_steps_with_tp2_then_resume(tmp_path):
     _train(tmp_path, 2, "parallel.tp=2")
     rl = [m for m in read_metrics(tmp_path) if m["stage"] == "rl"]
     assert [m["step"] for m in rl if "loss" in m] == [1, 2]
-    assert {"reward", "rollout/accuracy", "scope/failed", "grad_norm", "tokens_per_s"} <= rl[1].keys()
+    assert {"reward", "rollout/accuracy", "rollout/truncated_frac", "scope/failed", "grad_norm"} <= rl[1].keys()
     phases = [f"timing_s/{p}" for p in ("rollout", "verify", "scope", "update", "sync")]
     for m in (m for m in rl if "loss" in m):
         assert all(m[k] > 0 for k in phases) and sum(m[k] for k in phases) <= m["timing_s/step"]
