@@ -168,6 +168,11 @@ class RLConfig(Checked):
     # Megatron forward before the first (ratio exactly 1 there), and clipping acts from the second on
     ppo_mini_batches: int = field(default=1, metadata=ge(1))
     ppo_epochs: int = field(default=1, metadata=ge(1))
+    # DAPO's dynamic sampling: "filter" drops the groups whose final rewards (after SCOPE and the overlong
+    # penalty) are all equal -- every advantage in them is zero; "refill" also samples further prompts,
+    # up to max_sampling_rounds rounds in all, until rl.prompts_per_step groups carry a signal
+    dynamic_sampling: Literal["off", "filter", "refill"] = "off"
+    max_sampling_rounds: int = field(default=3, metadata=ge(1))
     # responses the generation limit (rollout.max_new_tokens) cut off: "keep" them as they are, "mask" them
     # out of the loss (DAPO's overlong filtering; their group's advantages still count them), or "penalty":
     # DAPO's soft overlong punishment, a reward falling linearly from 0 at max_new_tokens - overlong_buffer

@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -159,6 +160,11 @@ def to_samples(groups: list[list[Trajectory]], cfg: RunConfig, dense: list | Non
     return samples
 
 
+def no_loss_sample(pad_id: int) -> Sample:
+    """A one-token sample outside the loss: the micro-batch of a replica with nothing to train on."""
+    return Sample([pad_id], [pad_id], [0.0], [False], [0.0], in_loss=False)
+
+
 def to_micro_batches(samples: list[Sample], micro: int, pad_id: int) -> list[Batch]:
     """Right-padded [b, s] tensors aligned to targets (position t predicts token t+1)."""
     seq = max(len(s.prompt_ids) + len(s.response_ids) for s in samples) - 1
@@ -226,62 +232,121 @@ def update_policy(
     logprobs come from one forward of the pre-update weights first; a single step uses the current
     ones. Metrics: the mean over the updates, and each update's ratio, clip fractions and KL as
     `update_<i>/<name>`."""
+    from megatron.core import parallel_state
+
     n, epochs = cfg.rl.ppo_mini_batches, cfg.rl.ppo_epochs
-    if len(micro) < n:
-        raise ConfigError(
-            f"rl.ppo_mini_batches={n} needs at least as many micro-batches per rank, got {len(micro)}: "
-            "lower rl.ppo_mini_batches or rl.micro_batch_size"
-        )
     if n * epochs > 1:
         with timed(timings, "old_logprobs"):
             store_logprobs(state.model, state.vocab_size, micro, "old_logprobs")
     bounds = [len(micro) * i // n for i in range(n + 1)]
+    chunks = [micro[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+    # loss tokens of each mini-batch over every replica: one without any (dynamic sampling dropped
+    # them all) is no step; a replica short of micro-batches joins a step with one outside the loss
+    tokens = torch.tensor([sum(float(b["on_mask"].sum() + b["off_mask"].sum()) for b in c) for c in chunks])
+    tokens = tokens.to(next(state.model[0].parameters()).device)
+    dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+    outside = {
+        **micro[0],
+        "on_mask": torch.zeros_like(micro[0]["on_mask"]),
+        "off_mask": torch.zeros_like(micro[0]["off_mask"]),
+    }
     updates = []
     with timed(timings, "update"):
         for _ in range(epochs):
-            for lo, hi in zip(bounds, bounds[1:]):
-                updates.append(train_step(state, micro[lo:hi], partial(rl_loss, cfg.loss), need_entropy=True))
+            for chunk, count in zip(chunks, tokens.tolist()):
+                if count:
+                    loss = partial(rl_loss, cfg.loss)
+                    updates.append(train_step(state, chunk or [outside], loss, need_entropy=True))
+    if not updates:
+        return {"updates": 0}
     metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+    metrics["updates"] = len(updates)
     if len(updates) > 1:
         for i, u in enumerate(updates, 1):
             metrics.update({f"update_{i}/{k}": u[k] for k in PER_UPDATE if k in u})
     return metrics
 
 
-def rollout_and_rectify(
-    engine, guide, prm, task: Task, prompts: list[Prompt], seed: int
-) -> tuple[list[Sample], dict[str, float]]:
-    """Steps 1-3 and 5 on a replica's driver: sample and verify groups, rectify them (SCOPE or the
-    configured baseline), compute advantages. Metrics cover every replica (collective over drivers)."""
+def step_prompts(task: Task, step: int, round_: int, dp_rank: int, dp: int) -> list[Prompt]:
+    """This replica's share of the prompts of RL step `step`; dynamic sampling's round `round_` > 0
+    draws anew. Seeded by the step and round, so a resumed run draws what the straight run drew."""
     cfg = task.cfg
+    rng = random.Random(cfg.seed * 1_000_003 + step + round_ * 7_777_777)
+    batch = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rl.prompts_per_step)]
+    per_rank = cfg.rl.prompts_per_step // dp
+    return batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+
+
+def carries_signal(group: list[Trajectory], cfg: RunConfig) -> bool:
+    """DAPO's dynamic-sampling test: the group's final rewards are not all equal (equal rewards give
+    every member a zero advantage: no gradient but the loss's normaliser)."""
+    return len({final_reward(t, cfg) for t in group}) > 1
+
+
+def rollout_and_rectify(
+    engine, guide, prm, task: Task, draw: Callable[[int], list[Prompt]], seed: int
+) -> tuple[list[Sample], dict[str, float]]:
+    """Steps 1-3 and 5 on a replica's driver: sample and verify groups of the prompts `draw(0)`, rectify
+    them (SCOPE or the configured baseline), compute advantages. With `rl.dynamic_sampling`, groups whose
+    final rewards are all equal are dropped, and "refill" samples the prompts `draw(r)` of further rounds
+    (up to `rl.max_sampling_rounds`, while any replica has fewer signal-carrying groups than prompts)
+    and keeps the first ones. Metrics cover every replica (collective over drivers) and every round."""
+    cfg = task.cfg
+    mode = cfg.rl.dynamic_sampling
     timings: dict[str, float] = {}
-    groups = rollout_groups(engine, task, prompts, cfg.rl.group_size, seed, timings)
-    metrics = rollout_metrics(groups, ks=(1,))
-    metrics["reward"] = sum(t.reward for g in groups for t in g) / sum(len(g) for g in groups)
-    metrics["rollout/truncated_frac"] = sum(t.truncated for g in groups for t in g) / sum(
-        len(g) for g in groups
-    )
-    infos = [p.info for p in prompts]
-    with timed(timings, "scope"):  # the PRM and the guide
-        final, stats = rectify_groups(
-            groups, infos, cfg.scope, tokenizer=task.tokenizer, verifier=task.verifier, guide=guide, prm=prm
-        )
-        dense = None
-        if cfg.scope.active_method == "prm_dense":
-            dense = prm_dense_advantages(
-                final,
+    sampled: list[list[Trajectory]] = []
+    kept: list[tuple[list[Trajectory], list | None]] = []  # (final group, its dense advantages)
+    all_stats, with_signal = [], 0
+    first = draw(0)
+    rounds = cfg.rl.max_sampling_rounds if mode == "refill" else 1
+    for r in range(rounds):
+        # a replica with enough groups asks for nothing, but still joins the collective calls
+        prompts = (first if r == 0 else draw(r)) if len(kept) < len(first) else []
+        groups = rollout_groups(engine, task, prompts, cfg.rl.group_size, seed + r * 7919, timings)
+        infos = [p.info for p in prompts]
+        with timed(timings, "scope"):  # the PRM and the guide
+            final, stats = rectify_groups(
+                groups,
                 infos,
-                prm,
-                task.tokenizer,
-                cfg.scope.step_delimiter,
-                cfg.advantage,
-                cfg.scope.dense_coef,
+                cfg.scope,
+                tokenizer=task.tokenizer,
+                verifier=task.verifier,
+                guide=guide,
+                prm=prm,
             )
-    metrics.update(timings)
-    parts = _gather_drivers((metrics, len(groups), stats))
-    metrics = weighted_mean([(m, n) for m, n, _ in parts])
-    metrics.update(scope_metrics(merge_stats([st for _, _, st in parts])))
-    return to_samples(final, cfg, dense), metrics
+            dense = None
+            if cfg.scope.active_method == "prm_dense":
+                dense = prm_dense_advantages(
+                    final,
+                    infos,
+                    prm,
+                    task.tokenizer,
+                    cfg.scope.step_delimiter,
+                    cfg.advantage,
+                    cfg.scope.dense_coef,
+                )
+        sampled += groups
+        all_stats.append(stats)
+        signal = [mode == "off" or carries_signal(group, cfg) for group in final]
+        with_signal += sum(signal)
+        kept += [(group, None if dense is None else dense[g]) for g, group in enumerate(final) if signal[g]]
+        if r + 1 == rounds or not any(_gather_drivers(len(kept) < len(first))):
+            break
+    kept = kept[: len(first)]
+    n = sum(len(g) for g in sampled)
+    metrics = {**rollout_metrics(sampled, ks=(1,)), **timings} if sampled else dict(timings)
+    if n:
+        metrics["reward"] = sum(t.reward for g in sampled for t in g) / n
+        metrics["rollout/truncated_frac"] = sum(t.truncated for g in sampled for t in g) / n
+    parts = _gather_drivers((metrics, len(sampled), merge_stats(all_stats), with_signal, len(kept)))
+    metrics = weighted_mean([(m, n) for m, n, *_ in parts])
+    metrics.update(scope_metrics(merge_stats([st for _, _, st, *_ in parts])))
+    if mode != "off":  # groups with a signal among those sampled, those trained on, sampling rounds
+        metrics["dynamic/kept_frac"] = sum(p[3] for p in parts) / max(1, sum(p[1] for p in parts))
+        metrics["dynamic/kept_groups"] = sum(p[4] for p in parts)
+        metrics["dynamic/rounds"] = r + 1
+    dense = [d for _, d in kept] if cfg.scope.active_method == "prm_dense" else None
+    return to_samples([g for g, _ in kept], cfg, dense), metrics
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -623,19 +688,18 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
 
     if trainer.step == 0:
         run_eval(0)
-    per_rank = cfg.rl.prompts_per_step // dp
     while trainer.step < cfg.rl.steps:
         t0 = time.perf_counter()
         # 1-3. rollouts, verification and SCOPE on each replica's driver (the PRM's other ranks serve it)
-        rng = random.Random(cfg.seed * 1_000_003 + trainer.step)
-        batch = [task.train[rng.randrange(len(task.train))] for _ in range(cfg.rl.prompts_per_step)]
-        mine = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        draw = partial(step_prompts, task, trainer.step, dp_rank=dp_rank, dp=dp)
         seed = cfg.seed + trainer.step * 9973 + dp_rank
         guide = step_guide(cfg, task, guide_driver, seed) if scope_on and is_driver else None
         memory: dict[str, float] = {}
-        samples, metrics = driven(partial(rollout_and_rectify, policy, guide, prm, task, mine, seed), memory)
-        # 4-6. the engines asleep, the trainer's state back; reference logprobs, one optimizer step
-        micro = to_micro_batches(samples, cfg.rl.micro_batch_size, task.tokenizer.pad_id)
+        samples, metrics = driven(partial(rollout_and_rectify, policy, guide, prm, task, draw, seed), memory)
+        # 4-6. the engines asleep, the trainer's state back; reference logprobs, the optimizer steps
+        # (a replica whose groups dynamic sampling all dropped trains on one sample outside the loss)
+        pad = task.tokenizer.pad_id
+        micro = to_micro_batches(samples or [no_loss_sample(pad)], cfg.rl.micro_batch_size, pad)
         timings: dict[str, float] = {}
         with timed(timings, "offload"):
             offload.to_device()

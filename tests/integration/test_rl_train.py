@@ -23,7 +23,9 @@ def test_two_rl_steps_with_tp2_then_resume(tmp_path):
     _train(tmp_path, 2, "parallel.tp=2")
     rl = [m for m in read_metrics(tmp_path) if m["stage"] == "rl"]
     assert [m["step"] for m in rl if "loss" in m] == [1, 2]
-    assert {"reward", "rollout/accuracy", "rollout/truncated_frac", "scope/failed", "grad_norm"} <= rl[1].keys()
+    assert {"reward", "rollout/accuracy", "rollout/truncated_frac", "scope/failed", "grad_norm"} <= rl[
+        1
+    ].keys()
     phases = [f"timing_s/{p}" for p in ("rollout", "verify", "scope", "update", "sync")]
     for m in (m for m in rl if "loss" in m):
         assert all(m[k] > 0 for k in phases) and sum(m[k] for k in phases) <= m["timing_s/step"]
@@ -77,6 +79,20 @@ def test_ppo_mini_batches_in_the_trainer(tmp_path):
     assert step["update_1/ratio"] == 1.0 and step["rollout_mismatch"] < 1e-4
     assert all(step[f"update_{i}/ratio"] != 1.0 for i in (2, 3, 4)) and "update_5/ratio" not in step
     assert step["timing_s/old_logprobs"] > 0
+
+
+def test_dynamic_sampling_refill_over_two_replicas(tmp_path):
+    """DP=2 with `rl.dynamic_sampling=refill`: the drivers agree on the rounds (every generate is joined),
+    and a step trains only on groups with a signal -- none at all for the untrained policy's
+    all-zero groups (no optimizer step), one step otherwise."""
+    _train(tmp_path, 2, "rl.dynamic_sampling=refill", "rl.max_sampling_rounds=2")
+    steps = [m for m in read_metrics(tmp_path) if m["stage"] == "rl" and "updates" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        assert m["updates"] == (1 if m["dynamic/kept_groups"] else 0)
+        assert ("loss" in m) == bool(m["dynamic/kept_groups"])
+        assert m["dynamic/kept_groups"] <= 4 and 0 <= m["dynamic/kept_frac"] <= 1
+        assert m["dynamic/rounds"] == (1 if m["dynamic/kept_groups"] == 4 else 2)
 
 
 def test_dp2_splits_prompts_and_logs_every_replica(tmp_path):
