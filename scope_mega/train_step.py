@@ -115,15 +115,12 @@ def _forward_step(vocab_size: int, loss_fn: LossFn, need_entropy: bool, data_ite
 
 
 def _schedule(model: list, micro_batches: list[Batch], forward_step_func, forward_only: bool) -> list:
-    """Megatron's schedule for this PP size over micro-batches of one [batch, seq] shape."""
+    """Megatron's schedule for this PP size over the micro-batches, which may differ in [batch, seq]
+    shape (`variable_seq_lengths`: pipeline stages exchange shapes; see `models.arch`)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    shapes = {tuple(mb["input_ids"].shape) for mb in micro_batches}
-    if len(shapes) != 1:
-        raise ValueError(
-            f"all micro-batches of a step must share one [batch, seq] shape, got {sorted(shapes)}"
-        )
-    ((mbs, seq),) = shapes
+    mbs = max(mb["input_ids"].shape[0] for mb in micro_batches)
+    seq = max(mb["input_ids"].shape[1] for mb in micro_batches)
     return get_forward_backward_func()(
         forward_step_func=forward_step_func,
         data_iterator=iter(micro_batches),

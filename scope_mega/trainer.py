@@ -48,6 +48,7 @@ from scope_mega.models.gpt import build_gpt_model
 from scope_mega.plan import check_memory_here
 from scope_mega.rl.advantages import group_advantages, overlong_reward
 from scope_mega.rl.loss import PolicyLossConfig, policy_loss
+from scope_mega.rl.packing import pack_by_token_budget
 from scope_mega.rollout.engine import SamplingParams
 from scope_mega.rollout.factory import make_engine
 from scope_mega.rollout.weight_sync import sync_weights
@@ -165,13 +166,22 @@ def no_loss_sample(pad_id: int) -> Sample:
     return Sample([pad_id], [pad_id], [0.0], [False], [0.0], in_loss=False)
 
 
-def to_micro_batches(samples: list[Sample], micro: int, pad_id: int) -> list[Batch]:
-    """Right-padded [b, s] tensors aligned to targets (position t predicts token t+1)."""
-    seq = max(len(s.prompt_ids) + len(s.response_ids) for s in samples) - 1
+def to_micro_batches(
+    samples: list[Sample], micro: int, pad_id: int, max_tokens: int | None = None
+) -> list[Batch]:
+    """Right-padded [b, s] tensors aligned to targets (position t predicts token t+1): `micro` samples
+    each, padded to the longest sample of all; or, with `max_tokens`, packed by that token budget
+    (`rl.packing.pack_by_token_budget`), each padded to its own longest. `tokens` holds each
+    micro-batch's count of real positions."""
+    lengths = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]
+    if max_tokens is None:
+        indices = [list(range(i, min(i + micro, len(samples)))) for i in range(0, len(samples), micro)]
+    else:
+        indices = pack_by_token_budget(lengths, max_tokens)
     batches = []
-    for start in range(0, len(samples), micro):
-        rows = samples[start : start + micro]
-        b = len(rows)
+    for idx in indices:
+        rows = [samples[i] for i in idx]
+        b, seq = len(rows), max(lengths) if max_tokens is None else max(lengths[i] for i in idx)
         ids = torch.full((b, seq + 1), pad_id, dtype=torch.long)
         on, off = torch.zeros(b, seq), torch.zeros(b, seq)
         adv, rollout_lp, guide_lp = torch.zeros(b, seq), torch.zeros(b, seq), torch.zeros(b, seq)
@@ -196,6 +206,7 @@ def to_micro_batches(samples: list[Sample], micro: int, pad_id: int) -> list[Bat
                 advantages=adv,
                 rollout_logprobs=rollout_lp,
                 guide_logprobs=guide_lp,
+                tokens=torch.tensor(sum(lengths[i] for i in idx)),
             )
         )
     return batches
@@ -242,9 +253,11 @@ def update_policy(
     chunks = [micro[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
     # loss tokens of each mini-batch over every replica: one without any (dynamic sampling dropped
     # them all) is no step; a replica short of micro-batches joins a step with one outside the loss
-    tokens = torch.tensor([sum(float(b["on_mask"].sum() + b["off_mask"].sum()) for b in c) for c in chunks])
-    tokens = tokens.to(next(state.model[0].parameters()).device)
-    dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+    tokens = [sum(float(b["on_mask"].sum() + b["off_mask"].sum()) for b in c) for c in chunks]
+    real, slots = sum(float(b["tokens"]) for b in micro), sum(b["input_ids"].numel() for b in micro)
+    counts = torch.tensor([*tokens, real, slots], device=next(state.model[0].parameters()).device)
+    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    tokens, (real, slots) = counts[:-2].tolist(), counts[-2:].tolist()
     outside = {
         **micro[0],
         "on_mask": torch.zeros_like(micro[0]["on_mask"]),
@@ -253,14 +266,14 @@ def update_policy(
     updates = []
     with timed(timings, "update"):
         for _ in range(epochs):
-            for chunk, count in zip(chunks, tokens.tolist()):
+            for chunk, count in zip(chunks, tokens):
                 if count:
                     loss = partial(rl_loss, cfg.loss)
                     updates.append(train_step(state, chunk or [outside], loss, need_entropy=True))
+    packing = {"updates": len(updates), "packing/pad_frac": 1 - real / slots}
     if not updates:
-        return {"updates": 0}
-    metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
-    metrics["updates"] = len(updates)
+        return packing
+    metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]} | packing
     if len(updates) > 1:
         for i, u in enumerate(updates, 1):
             metrics.update({f"update_{i}/{k}": u[k] for k in PER_UPDATE if k in u})
@@ -699,7 +712,9 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         # 4-6. the engines asleep, the trainer's state back; reference logprobs, the optimizer steps
         # (a replica whose groups dynamic sampling all dropped trains on one sample outside the loss)
         pad = task.tokenizer.pad_id
-        micro = to_micro_batches(samples or [no_loss_sample(pad)], cfg.rl.micro_batch_size, pad)
+        micro = to_micro_batches(
+            samples or [no_loss_sample(pad)], cfg.rl.micro_batch_size, pad, cfg.rl.max_tokens_per_micro_batch
+        )
         timings: dict[str, float] = {}
         with timed(timings, "offload"):
             offload.to_device()

@@ -181,6 +181,11 @@ def transformer_config(
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         calculate_per_token_loss=True,
+        # micro-batches of one step may differ in shape (RL packs them by a token budget): pipeline
+        # stages exchange each activation's shape before the activation. Megatron refuses that beside
+        # its default MoE dispatcher even in a dense model; alltoall is the one it allows
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",
         fp8=fp8.format if fp8.enabled else None,
         fp8_recipe=fp8.recipe,
         fp8_amax_history_len=fp8.amax_history_len,
