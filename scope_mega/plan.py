@@ -29,7 +29,8 @@ matrices divided by TP, norms replicated; embedding on the first stage, output l
   per token per layer  2 * [4h / (TP if sequence_parallel else 1) + ((2H + 2G) * d + 3f) / TP]
   (the two norm inputs and the two matmul inputs of width h; Q, K, V, the attention output; the
   gate/up output 2f and the SwiGLU output f), times tokens per micro batch
-  (rl.micro_batch_size * (data.max_prompt_tokens + rollout.max_new_tokens)), times layers per stage,
+  (rl.micro_batch_size * (data.max_prompt_tokens + rollout.max_new_tokens), or
+  rl.max_tokens_per_micro_batch when micro-batches are packed), times layers per stage,
   times micro batches in flight on the first stage under 1F1B (min(PP, micro batches per step)); plus
   the fp32 logits and their gradient on the last stage: tokens * padded_vocab / TP * 8. FP8 stores some
   GEMM inputs in 1 byte, so with FP8 this is an upper bound.
@@ -360,9 +361,13 @@ def make_plan(
     fp8 = cfg.model.fp8.enabled and target == "cuda"
     linear_gpu = a.layers // par.pp * a.layer_sharded() // par.tp
     seq = (cfg.data.max_prompt_tokens if cfg.data.task == "math" else 0) + cfg.rollout.max_new_tokens
-    tokens_mb = cfg.rl.micro_batch_size * seq
     seqs_per_rank = -(-cfg.rl.prompts_per_step * cfg.rl.group_size // dp)
-    n_micro = max(1, -(-seqs_per_rank // cfg.rl.micro_batch_size))
+    if cfg.rl.max_tokens_per_micro_batch:  # packed by a token budget: at most that many slots each
+        tokens_mb = cfg.rl.max_tokens_per_micro_batch
+        n_micro = max(1, seqs_per_rank * seq // tokens_mb)
+    else:
+        tokens_mb = cfg.rl.micro_batch_size * seq
+        n_micro = max(1, -(-seqs_per_rank // cfg.rl.micro_batch_size))
     in_flight = min(par.pp, n_micro)
     per_layer = a.activation_bytes_per_token_layer(par.tp, par.sequence_parallel)
     stage_layers = a.layers // par.pp

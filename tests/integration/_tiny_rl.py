@@ -15,6 +15,7 @@ TINY = [
     "rl.prompts_per_step=4",
     "rl.group_size=4",
     "rl.micro_batch_size=8",
+    "rl.max_tokens_per_micro_batch=null",  # fixed micro-batches; tests that pack say so
     "rl.num_eval_problems=4",
     "rl.eval_samples=2",
     "rl.eval_interval=0",
