@@ -255,7 +255,8 @@ def update_policy(
     # them all) is no step; a replica short of micro-batches joins a step with one outside the loss
     tokens = [sum(float(b["on_mask"].sum() + b["off_mask"].sum()) for b in c) for c in chunks]
     real, slots = sum(float(b["tokens"]) for b in micro), sum(b["input_ids"].numel() for b in micro)
-    counts = torch.tensor([*tokens, real, slots], device=next(state.model[0].parameters()).device)
+    device = next(state.model[0].parameters()).device
+    counts = torch.tensor([*tokens, real, slots], dtype=torch.float64, device=device)  # exact counts
     dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     tokens, (real, slots) = counts[:-2].tolist(), counts[-2:].tolist()
     outside = {
