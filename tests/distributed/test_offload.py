@@ -6,33 +6,13 @@ distributed optimizer (whose shards are views into the buffers)."""
 
 import pytest
 import torch
+from _tiny_policy import build_state
 
 from scope_mega.runtime.spawn import spawn_local
 
 pytestmark = [pytest.mark.distributed]
 
-HF = dict(
-    model_type="llama",
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    vocab_size=96,
-    max_position_embeddings=64,
-)
 LAYOUTS = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
-
-
-def _build(dtype: str, distributed: bool, dev):
-    from scope_mega.config import ModelConfig, OptimConfig, ParallelConfig
-    from scope_mega.models.gpt import build_gpt_model
-    from scope_mega.train_step import setup_training
-
-    torch.manual_seed(0)
-    parallel = ParallelConfig(distributed_optimizer=distributed)
-    model, spec = build_gpt_model(ModelConfig(hf_config=dict(HF), params_dtype=dtype), parallel, dev)
-    return setup_training(model, spec.vocab_size, OptimConfig(lr=1e-2), parallel, 10)
 
 
 def _step(state, seed: int, dev) -> float:
@@ -41,7 +21,7 @@ def _step(state, seed: int, dev) -> float:
     from scope_mega.train_step import lm_loss, train_step
 
     g = torch.Generator().manual_seed(seed * 10 + dist.get_rank())
-    ids = torch.randint(0, 96, (2, 17), generator=g).to(dev)
+    ids = torch.randint(0, 64, (2, 17), generator=g).to(dev)
     batch = dict(
         input_ids=ids[:, :-1],
         targets=ids[:, 1:],
@@ -66,7 +46,7 @@ def _worker(device: str = "cpu"):
 
     dev = init_distributed(tp=1, device=device, seed=5)
     for dtype, distributed in LAYOUTS:
-        state, twin = _build(dtype, distributed, dev), _build(dtype, distributed, dev)
+        state, twin = [build_state(dev, dtype, distributed, lr=1e-2) for _ in range(2)]
         offload = TrainerOffload(state, enabled=True)
         offload.to_host()  # before any step: the Adam state does not exist yet, masters do (bf16)
         offload.to_device()

@@ -8,36 +8,22 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-import torch
+from _tiny_policy import build_state
 
 from scope_mega.runtime.spawn import spawn_local
 
 pytestmark = [pytest.mark.distributed]
 
-HF = dict(
-    model_type="llama",
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    vocab_size=64,
-    max_position_embeddings=128,
-)
-
 
 def _worker(out: str):
-    from scope_mega.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, from_dict
-    from scope_mega.models.gpt import build_gpt_model
+    from scope_mega.config import RunConfig, from_dict
     from scope_mega.rl.packing import pack_by_token_budget
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
-    from scope_mega.train_step import evaluate_loss, setup_training, store_logprobs
+    from scope_mega.train_step import evaluate_loss, store_logprobs
     from scope_mega.trainer import Sample, rl_loss, to_micro_batches
 
     dev = init_distributed(device="cpu", seed=2)
-    torch.manual_seed(0)
-    model, spec = build_gpt_model(ModelConfig(hf_config=dict(HF)), ParallelConfig(), dev)
-    state = setup_training(model, spec.vocab_size, OptimConfig(), ParallelConfig(), 1)
+    state = build_state(dev)
     rng = random.Random(0)
     samples = []
     for _ in range(12):  # prompts of 5-9 tokens, responses of 3-60: lengths spread like rollouts
@@ -52,7 +38,7 @@ def _worker(out: str):
     lengths = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]
     order = [i for batch in pack_by_token_budget(lengths, 96) for i in batch]
     for micro in (padded, packed):
-        store_logprobs(state.model, spec.vocab_size, micro, "lp")
+        store_logprobs(state.model, state.vocab_size, micro, "lp")
 
     def response_logprobs(micro, sample_order):
         rows = [(mb, r) for mb in micro for r in range(mb["input_ids"].shape[0])]

@@ -9,31 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_policy import build_state
 
 from scope_mega.runtime.spawn import spawn_local
 
 pytestmark = [pytest.mark.distributed]
-
-HF = dict(
-    model_type="llama",
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    vocab_size=64,
-    max_position_embeddings=64,
-)
-
-
-def _state(dev):
-    from scope_mega.config import ModelConfig, OptimConfig, ParallelConfig
-    from scope_mega.models.gpt import build_gpt_model
-    from scope_mega.train_step import setup_training
-
-    torch.manual_seed(0)
-    model, spec = build_gpt_model(ModelConfig(hf_config=dict(HF)), ParallelConfig(), dev)
-    return setup_training(model, spec.vocab_size, OptimConfig(lr=0.05, clip_grad=0.0), ParallelConfig(), 4)
 
 
 def _micro_batches():
@@ -61,7 +41,7 @@ def _worker(out: str):
 
     dev = init_distributed(device="cpu", seed=3)
     cfg = from_dict(RunConfig, {"rl": {"ppo_mini_batches": 2}, "loss": {"clip_low": 0.2, "clip_high": 0.28}})
-    state, twin = _state(dev), _state(dev)
+    state, twin = [build_state(dev, lr=0.05, clip_grad=0.0) for _ in range(2)]
     micro = _micro_batches()
     timings: dict[str, float] = {}
     metrics = update_policy(state, micro, cfg, timings)
