@@ -96,11 +96,21 @@ def setup_training(
     return TrainState(chunks, optimizer, scheduler, vocab_size)
 
 
+def _on_device(batch: Batch, model: torch.nn.Module) -> Batch:
+    """The batch's tensors moved to `model`'s device, in place: micro-batches are built in host memory,
+    and what a forward stores in them (logprobs) stays beside the rest."""
+    device = next(model.parameters()).device
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.device != device:
+            batch[key] = value.to(device, non_blocking=True)
+    return batch
+
+
 def _forward_step(vocab_size: int, loss_fn: LossFn, need_entropy: bool, data_iterator, model):
     """Megatron forward_step_func: run the stage; on the last stage turn logits into token logprobs."""
     from megatron.core import parallel_state
 
-    batch = next(data_iterator)
+    batch = _on_device(next(data_iterator), model)
     output = model(batch["input_ids"], batch["position_ids"], attention_mask=None)
     if not parallel_state.is_pipeline_last_stage():
         return output, None
@@ -152,7 +162,7 @@ def pipeline_forward(
     calls it with micro-batches of the same shapes."""
 
     def forward_step(data_iterator, chunk):
-        batch = next(data_iterator)
+        batch = _on_device(next(data_iterator), chunk)
         output = chunk(batch["input_ids"], batch["position_ids"], attention_mask=None)
 
         def keep(out: torch.Tensor):
