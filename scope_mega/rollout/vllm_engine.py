@@ -125,6 +125,28 @@ def _repack_tied_lm_head(worker: Any) -> None:
         head.quant_method.process_weights_after_loading(head)
 
 
+def _launch_unique_cpu_shm_names() -> None:
+    """vLLM 0.32 on CPU names a TP group's shared-memory segments after its init method, "env://"
+    under the external launcher: one name for every launch. A second run on the machine, or any run
+    after one that was killed and left its segments in /dev/shm, fails with "create shm in SHMManager
+    failed. errno: 17". Prefix the names with this launch's id, the same on every rank: torchrun's
+    run id, else Slurm's job and step, else the rendezvous port."""
+    from vllm.distributed.device_communicators import cpu_communicator
+
+    shm = cpu_communicator._CPUSHMDistributed
+    if getattr(shm.make_group_name, "launch_unique", False):
+        return
+    slurm = "-".join(os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_STEP_ID") if k in os.environ)
+    launch = os.environ.get("TORCHELASTIC_RUN_ID") or slurm or os.environ.get("MASTER_PORT", "0")
+    original = shm.make_group_name
+
+    def make_group_name(communicator: Any) -> str:  # a POSIX shm name: no "/" past the first
+        return f"{launch}{original(communicator)}".replace("/", "")
+
+    make_group_name.launch_unique = True
+    shm.make_group_name = staticmethod(make_group_name)
+
+
 class VLLMEngine:
     """`RolloutEngine` over a colocated `vllm.LLM` (one worker per rank under torch.distributed)."""
 
@@ -160,6 +182,8 @@ class VLLMEngine:
         if quantization and not on_cuda:
             raise ConfigError(f"vLLM's CPU build cannot serve quantization={quantization!r}; it needs CUDA")
         vllm = import_vllm()
+        if not on_cuda:
+            _launch_unique_cpu_shm_names()
         stored = any(name.endswith((".safetensors", ".bin")) for name in os.listdir(model_dir))
         kwargs = dict(
             model=model_dir,

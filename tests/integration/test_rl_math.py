@@ -43,8 +43,22 @@ ENGINES = {"hf": [], "vllm": ["rollout.engine=vllm", "rollout.vllm_tensor_parall
 LAYOUTS = {("hf", "tp2"): 2, ("vllm", "tp2"): 2, ("hf", "pp2"): 1}
 
 
+@pytest.fixture
+def killed_runs_segments():
+    """The shared-memory segments a killed vLLM TP=2 run leaves on a CPU machine, under the names vLLM
+    0.32 gives every launch; a later run must not trip over them (vllm_engine.py gives each launch
+    its own names)."""
+    left = [Path(f"/dev/shm/-tp:0-[0-1]-cpushm_{i}") for i in range(2)]
+    made = [p for p in left if not p.exists()]
+    for p in made:
+        p.write_bytes(b"\0" * 4096)
+    yield
+    for p in made:
+        p.unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize(("engine", "layout"), list(LAYOUTS))
-def test_math_rl_with_model_prm_engine_guide_kl_and_clip(kit, engine, layout, tmp_path):
+def test_math_rl_with_model_prm_engine_guide_kl_and_clip(kit, engine, layout, tmp_path, killed_runs_segments):
     run = tmp_path / "run"
     cmd = [
         str(Path(sys.executable).with_name("torchrun")),
