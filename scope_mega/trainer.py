@@ -617,7 +617,8 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
             f"rl.prompts_per_step={cfg.rl.prompts_per_step} must be divisible by the DP size {dp}"
         )
     seqs = cfg.rl.prompts_per_step // dp * cfg.rl.group_size
-    if (n_micro := -(-seqs // cfg.rl.micro_batch_size)) < cfg.rl.ppo_mini_batches:
+    n_micro = -(-seqs // cfg.rl.micro_batch_size)
+    if cfg.rl.max_tokens_per_micro_batch is None and n_micro < cfg.rl.ppo_mini_batches:
         raise ConfigError(
             f"rl.ppo_mini_batches={cfg.rl.ppo_mini_batches} is more than the {n_micro} micro-batches of "
             f"rl.micro_batch_size={cfg.rl.micro_batch_size} that {seqs} sequences per DP rank make: "
