@@ -158,7 +158,8 @@ class RLConfig(Checked):
     group_size: int = field(default=8, metadata=ge(2))  # GRPO compares samples within a group
     micro_batch_size: int = field(default=16, metadata=ge(1))
     # when set, micro-batches are packed by this token budget instead (rows x longest row, similar
-    # lengths together: rl/packing.py) and rl.micro_batch_size is not used; the padding is logged
+    # lengths together: rl/packing.py; a longer sequence gets a micro-batch of its own) and
+    # rl.micro_batch_size is not used; the padding is logged
     max_tokens_per_micro_batch: int | None = field(default=None, metadata=ge(1))
     eval_interval: int = field(default=10, metadata=ge(0))  # 0: evaluate only before and after training
     num_eval_problems: int = field(default=100, metadata=ge(1))

@@ -171,13 +171,14 @@ def to_micro_batches(
 ) -> list[Batch]:
     """Right-padded [b, s] tensors aligned to targets (position t predicts token t+1): `micro` samples
     each, padded to the longest sample of all; or, with `max_tokens`, packed by that token budget
-    (`rl.packing.pack_by_token_budget`), each padded to its own longest. `tokens` holds each
+    (`rl.packing.pack_by_token_budget`), each padded to its own longest; a sample longer than the
+    budget (a long salvaged trajectory) gets a micro-batch of its own. `tokens` holds each
     micro-batch's count of real positions."""
     lengths = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]
     if max_tokens is None:
         indices = [list(range(i, min(i + micro, len(samples)))) for i in range(0, len(samples), micro)]
     else:
-        indices = pack_by_token_budget(lengths, max_tokens)
+        indices = pack_by_token_budget(lengths, max(max_tokens, *lengths))
     batches = []
     for idx in indices:
         rows = [samples[i] for i in idx]
@@ -728,6 +729,8 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         # 7. the trainer's state to the host, then its weights to the engines (weights woken, KV cache not)
         with timed(timings, "offload"):
             offload.to_host()
+        if offload.enabled:  # against the plan's host memory per GPU
+            metrics["offload/host_gib"] = offload.host_bytes() / 2**30
         with timed(timings, "sync"):
             sync_weights(engine, state.model[0], spec, bucket, every_rank=vllm)
         metrics.update(memory, **timings, **phase_memory("sync", device))

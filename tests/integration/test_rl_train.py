@@ -66,7 +66,8 @@ def test_pp2_and_offload_match_one_process(tmp_path):
     # step 3's loss is the first to see Adam state that went to the host and back
     _train(tmp_path / "offload", 3, *common, "rl.offload=on", nproc=1)
     off = _rl_steps(tmp_path / "offload")
-    assert all(m["timing_s/offload"] > 0 for m in off)
+    assert all(m["timing_s/offload"] > 0 and m["offload/host_gib"] > 0 for m in off)
+    assert not any("offload/host_gib" in m for m in one)
     keys = ("reward", "loss", "grad_norm", "entropy")
     assert [[m[k] for k in keys] for m in off] == [[m[k] for k in keys] for m in one]
 

@@ -57,3 +57,13 @@ def test_pad_right():
         pad_right([torch.zeros(2, 2)])
     with pytest.raises(ValueError, match="at least one"):
         pad_right([])
+
+
+def test_trainer_gives_a_sequence_longer_than_the_budget_its_own_micro_batch():
+    """A salvaged trajectory can outgrow `rl.max_tokens_per_micro_batch`: it is trained alone, not refused."""
+    from scope_mega.trainer import Sample, to_micro_batches
+
+    samples = [Sample([1] * 3, [2] * n, [1.0] * n, [False] * n, [0.0] * n) for n in (4, 30, 5)]
+    micro = to_micro_batches(samples, 1, pad_id=0, max_tokens=16)
+    assert [tuple(b["input_ids"].shape) for b in micro] == [(1, 32), (2, 7)]
+    assert [int(b["tokens"]) for b in micro] == [32, 13]
