@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from scope_mega.tasks import Task
 
 LATEST = "latest"
+SFT_CHECKPOINTS = "checkpoints"  # <run_dir>/checkpoints: the SFT warm-start's checkpoints
+RL_CHECKPOINTS = "checkpoints_rl"  # <run_dir>/checkpoints_rl: the RL policy's checkpoints
 HF_EXPORT = "hf"  # <run_dir>/hf: the policy at the end of RL, as an HF model directory
 HF_EXPORT_STEPS = "hf_steps"  # <run_dir>/hf_steps/step_XXXXXXXX: periodic HF exports
 
@@ -206,10 +208,10 @@ def export_hf(cfg: RunConfig, model, spec, task: Task, step: int, final: bool = 
     from scope_mega.weights.hf_export import save_hf_model
 
     bucket = cfg.rollout.sync_bucket_mb << 20
-    return save_hf_model(model, spec, out, bucket, partial(_write_generation_files, cfg, spec, task))
+    return save_hf_model(model, spec, out, bucket, partial(write_generation_files, cfg, spec.hf_config, task))
 
 
-def _write_generation_files(cfg: RunConfig, spec, task: Task, folder: Path) -> None:
+def write_generation_files(cfg: RunConfig, hf_config, task: Task, folder: Path) -> None:
     """The tokenizer the policy was trained with and a generation config that samples as the rollouts did."""
     import transformers
 
@@ -217,7 +219,7 @@ def _write_generation_files(cfg: RunConfig, spec, task: Task, folder: Path) -> N
     ro = cfg.rollout
     sampling = dict(do_sample=True, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k)
     transformers.GenerationConfig(
-        bos_token_id=getattr(spec.hf_config, "bos_token_id", None),
+        bos_token_id=getattr(hf_config, "bos_token_id", None),
         eos_token_id=list(task.stop_token_ids),
         pad_token_id=task.tokenizer.pad_id,
         max_new_tokens=ro.max_new_tokens,

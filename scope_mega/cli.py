@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     from scope_mega.plan import add_plan_arguments
 
     add_plan_arguments(train)
-    from scope_mega.convert import add_convert_parser
+    from scope_mega.convert import add_convert_parser, add_export_fp8_parser
 
     add_convert_parser(sub)
+    add_export_fp8_parser(sub)
     from scope_mega.eval import add_eval_parser
 
     add_eval_parser(sub)

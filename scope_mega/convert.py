@@ -1,4 +1,5 @@
-"""`scope-mega convert hf-to-megatron | megatron-to-hf`: checkpoint conversion from the command line.
+"""`scope-mega convert hf-to-megatron | megatron-to-hf` and `scope-mega export-fp8`: checkpoint
+conversion from the command line.
 
 Import runs one process per TP x PP shard: under torchrun or srun (WORLD_SIZE / SLURM_NTASKS equal
 to tp*pp) every process converts its shard; started as one plain process it spawns tp*pp local
@@ -47,6 +48,47 @@ def add_direction_parsers(subparsers) -> None:
     exp.add_argument("--force", action="store_true", help="replace --out if it exists")
     for p in (imp, exp):
         p.set_defaults(func=run_convert)
+
+
+def add_export_fp8_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `export-fp8`: a trained policy -> an HF FP8 (modelopt) directory that vLLM serves on GPU."""
+    from scope_mega.weights.fp8_export import DEFAULT_CALIB_PROMPTS
+
+    p = subparsers.add_parser("export-fp8", help="a trained policy -> HF FP8 weights (modelopt format)")
+    p.add_argument("source", help="run directory (its RL policy, else its SFT one) or checkpoint folder")
+    p.add_argument("--out", required=True, help="HF model folder to create")
+    p.add_argument("--config", help="run config naming the calibration task (default: the checkpoint's)")
+    p.add_argument("--calib-prompts", type=int, default=DEFAULT_CALIB_PROMPTS, help="training prompts")
+    p.add_argument("--max-shard-size", type=parse_size, default="2GB", help="e.g. 2GB, 500MB")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run_export_fp8)
+    return p
+
+
+def run_export_fp8(args) -> int:
+    """Run `export-fp8`; on bad input print one line and return a non-zero status."""
+    from scope_mega.weights.fp8_export import export_fp8_checkpoint
+
+    try:
+        if args.calib_prompts < 1:
+            raise ConfigError(f"--calib-prompts must be >= 1, got {args.calib_prompts}")
+        config = None
+        if args.config:
+            from scope_mega.validation import load_config
+
+            config = load_config(args.config)
+        result = export_fp8_checkpoint(
+            args.source, args.out, args.force, config, args.calib_prompts, args.max_shard_size
+        )
+    except ConfigError as e:
+        print(f"export-fp8 error: {e}", file=sys.stderr)
+        return ERROR_EXIT_CODE
+    worst = max(result.layer_errors, default=0.0)
+    print(
+        f"wrote {result.out} from {result.source}: calibrated on {result.calib_prompts} prompts "
+        f"({result.calib_tokens} tokens); worst layer's relative output error {worst:.2e}"
+    )
+    return 0
 
 
 def parse_size(text: str) -> int:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from scope_mega.checkpointing import (
+    SFT_CHECKPOINTS,
     TrainerState,
     has_checkpoint,
     latest_checkpoint,
@@ -130,7 +131,7 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
     if cfg.checkpoint.load_weights:
         load_model_weights(cfg.checkpoint.load_weights, model)
     state = setup_training(model, spec.vocab_size, cfg.optim, cfg.parallel, cfg.sft.steps)
-    ckpt_root = Path(cfg.run_dir) / "checkpoints"
+    ckpt_root = Path(cfg.run_dir) / SFT_CHECKPOINTS
     trainer = TrainerState()
     latest = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     if latest is not None:

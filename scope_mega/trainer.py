@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 
 from scope_mega.checkpointing import (
+    RL_CHECKPOINTS,
+    SFT_CHECKPOINTS,
     TrainerState,
     export_hf,
     has_checkpoint,
@@ -63,8 +65,6 @@ from scope_mega.scope.rectify import rectify_groups
 from scope_mega.scope.trajectory import Trajectory
 from scope_mega.tasks import Prompt, Task, build_task
 from scope_mega.train_step import Batch, TrainState, setup_training, store_logprobs, train_step
-
-RL_CHECKPOINTS = "checkpoints_rl"
 
 
 @dataclass
@@ -594,7 +594,7 @@ def _init_weights_path(cfg: RunConfig) -> Path | None:
     if cfg.rl.init_from:
         p = Path(cfg.rl.init_from)
         return latest_checkpoint(p) or p
-    return latest_checkpoint(Path(cfg.run_dir) / "checkpoints")  # the SFT stage of the same run
+    return latest_checkpoint(Path(cfg.run_dir) / SFT_CHECKPOINTS)  # the SFT stage of the same run
 
 
 # ----------------------------------------------------------------------------- the loop

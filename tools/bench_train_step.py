@@ -4,12 +4,15 @@ random Llama built locally, and its model FLOP utilisation against a GEMM measur
     .venv/bin/python tools/bench_train_step.py --preset demo               # examples/tiny_cpu.yaml's policy
     .venv/bin/python tools/bench_train_step.py --preset llama-41m
     python tools/bench_train_step.py --preset llama-1b --device cuda       # bf16 on a GPU
+    python tools/bench_train_step.py --preset llama-1b --device cuda --precision both  # + TE FP8
 
 Model FLOPs per trained token: 6 N (N = the parameters of every matmul: attention, MLP, output layer)
 plus 12 L h s for attention scores and values (the PaLM count, no recomputation; s = the padded
 micro-batch length). The reference is a GEMM of the model's own shape (micro-batch tokens x hidden
 times hidden x FFN) in the training dtype (bf16 on CUDA, fp32 on CPU), best of 5: MFU here is the
-fraction of what this device does on a plain GEMM of that shape, not of a datasheet peak.
+fraction of what this device does on a plain GEMM of that shape, not of a datasheet peak. FP8
+(`--precision fp8|both`: Transformer Engine's FP8 Linears, delayed scaling) is measured against the
+same bf16 GEMM, so its MFU above 100% is its speed-up over bf16 matmuls.
 """
 
 from __future__ import annotations
@@ -61,39 +64,18 @@ def _gemm_flops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device
     return 2 * m * k * n / best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=list(PRESETS), default="demo")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--sequences", type=int, default=64, help="sequences per optimizer step")
-    parser.add_argument("--max-tokens", type=int, default=None, help="micro-batch token budget (preset's)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
-    args = parser.parse_args()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-
-    from scope_mega.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig
+def _measure(args, p: dict, hf: dict, dtype: str, device: torch.device, fp8: bool) -> None:
+    """Build the preset's model (Transformer Engine FP8 Linears when `fp8`), time its update, print."""
+    from scope_mega.config import FP8Config, ModelConfig, OptimConfig, ParallelConfig, RunConfig
     from scope_mega.models.gpt import build_gpt_model
     from scope_mega.plan import Arch
-    from scope_mega.runtime.distributed import destroy_distributed, init_distributed
     from scope_mega.train_step import setup_training, train_step
     from scope_mega.trainer import Sample, rl_loss, to_micro_batches
 
-    p = PRESETS[args.preset]
-    device = init_distributed(device=args.device, seed=0)
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
-    hf = dict(
-        model_type="llama",
-        hidden_size=p["hidden"],
-        intermediate_size=p["ffn"],
-        num_hidden_layers=p["layers"],
-        num_attention_heads=p["heads"],
-        num_key_value_heads=p["kv_heads"],
-        vocab_size=p["vocab"],
-        max_position_embeddings=p["prompt"] + p["response"],
-        tie_word_embeddings=False,
+    impl = "te" if fp8 else "local"
+    model_cfg = ModelConfig(
+        hf_config=hf, transformer_impl=impl, params_dtype=dtype, fp8=FP8Config(enabled=fp8)
     )
-    model_cfg = ModelConfig(hf_config=hf, transformer_impl="local", params_dtype=dtype)
     model, spec = build_gpt_model(model_cfg, ParallelConfig(), device)
     state = setup_training(model, spec.vocab_size, OptimConfig(lr=1e-6), ParallelConfig(), args.steps + 1)
 
@@ -130,7 +112,8 @@ def main() -> None:
     longest = max(b["input_ids"].numel() for b in micro)
     gemm = _gemm_flops(longest, arch.hidden, arch.ffn, model.config.params_dtype, device)
     print(
-        f"{args.preset} on {device.type} ({dtype}): {args.sequences} sequences, {tokens} tokens in "
+        f"{args.preset} on {device.type} ({dtype}{', TE FP8' if fp8 else ''}): {args.sequences} sequences, "
+        f"{tokens} tokens in "
         f"{len(micro)} micro-batches ({1 - tokens / slots:.1%} padding)"
     )
     print(f"update: {seconds:.3f} s per optimizer step = {tokens / seconds:,.0f} tokens/s")
@@ -138,6 +121,43 @@ def main() -> None:
         f"model FLOP/s {flops / seconds / 1e9:,.1f} G; reference GEMM [{longest} x {arch.hidden}] x "
         f"[{arch.hidden} x {arch.ffn}] {gemm / 1e9:,.1f} G; MFU against it {flops / seconds / gemm:.1%}"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=list(PRESETS), default="demo")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--sequences", type=int, default=64, help="sequences per optimizer step")
+    parser.add_argument("--max-tokens", type=int, default=None, help="micro-batch token budget (preset's)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
+    parser.add_argument(
+        "--precision", choices=["default", "fp8", "both"], default="default",
+        help="default: bf16 on CUDA, fp32 on CPU; fp8: Transformer Engine FP8 (CUDA); both: each in turn",
+    )  # fmt: skip
+    args = parser.parse_args()
+    if args.precision != "default" and args.device != "cuda":
+        parser.error("--precision fp8/both needs --device cuda (Transformer Engine FP8)")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+
+    from scope_mega.runtime.distributed import destroy_distributed, init_distributed
+
+    p = PRESETS[args.preset]
+    device = init_distributed(device=args.device, seed=0)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    hf = dict(
+        model_type="llama",
+        hidden_size=p["hidden"],
+        intermediate_size=p["ffn"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"],
+        vocab_size=p["vocab"],
+        max_position_embeddings=p["prompt"] + p["response"],
+        tie_word_embeddings=False,
+    )
+    for fp8 in {"default": [False], "fp8": [True], "both": [False, True]}[args.precision]:
+        _measure(args, p, hf, dtype, device, fp8)
     destroy_distributed()
 
 

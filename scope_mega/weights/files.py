@@ -28,7 +28,8 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-_SAFETENSORS_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# Written, never read as a source: the FP8 export's e4m3 weights (weights.fp8_export).
+_SAFETENSORS_CODES = {**{v: k for k, v in SAFETENSORS_DTYPES.items()}, torch.float8_e4m3fn: "F8_E4M3"}
 
 
 @dataclass(frozen=True)

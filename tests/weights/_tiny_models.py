@@ -60,3 +60,50 @@ def write_hf_checkpoint(case: str, path: Path, seed: int = 0) -> Path:
     hf_model(case, seed).save_pretrained(path)
     (path / "tokenizer_config.json").write_text(TOKENIZER_CONFIG)
     return path
+
+
+def countdown_policy_run(root: Path, calib: int, **config) -> dict:
+    """A Countdown run directory under `root` as the trainer leaves it (its tokenizer, one RL checkpoint
+    with the config it recorded) holding a random tiny Llama whose weights are bf16 values (in the
+    dtype of `config`, default fp32); also the model's HF folder and the first `calib` training prompts.
+    `config` overrides the Llama's shape."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from scope_mega.config import parse_config, to_dict
+    from scope_mega.sft import prepare_tokenizer
+    from scope_mega.tasks import build_task
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = parse_config(repo / "examples" / "tiny_cpu.yaml", [f"run_dir={root / 'run'}"])
+    tok = prepare_tokenizer(cfg)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+    shape.update(num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True)
+    shape.update(config)
+    hf = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, **shape
+    )
+    model = transformers.LlamaForCausalLM(hf).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if "norm" in name else 0.0
+            p.copy_((base + 0.05 * torch.randn(p.shape, generator=gen)).bfloat16().to(p.dtype))
+    model.save_pretrained(root / "hf")
+    imported = root / "megatron"
+    result = subprocess.run(
+        [sys.executable, "-m", "checkpoints_convert", "hf-to-megatron", "--hf-dir", str(root / "hf")]
+        + ["--out", str(imported)],
+        cwd=repo, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    step = root / "run" / "checkpoints_rl" / "step_00000001"
+    shutil.copytree(imported / "model", step / "model")
+    config_dict = to_dict(cfg)
+    config_dict["model"]["hf_config"] = str(root / "hf")
+    (step / "trainer_state.json").write_text(json.dumps({"config": config_dict}))
+    (step.parent / "latest").write_text(step.name)
+    prompts = [torch.tensor([p.ids]) for p in build_task(cfg).train[:calib]]
+    return dict(root=root, run=root / "run", hf=root / "hf", cfg=cfg, prompts=prompts)
