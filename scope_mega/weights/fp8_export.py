@@ -11,7 +11,8 @@ Streams one layer at a time, as `megatron_to_hf` does: the layer's tensors come 
 through the one mapping (`mapping.to_hf`) into that layer of a transformers model built on the meta
 device, the layer is calibrated on the hidden states the previous layers produced (unquantized, as
 `mtq.quantize` calibrates a whole model), and its outputs feed the next layer. Memory: one layer plus
-the calibration activations. The directory appears only when complete.
+the calibration activations. Calibration runs in fp32, on the GPU where there is one. The directory
+appears only when complete.
 """
 
 from __future__ import annotations
@@ -158,19 +159,24 @@ def e4m3(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return (x.float() * multiplier).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), 1 / multiplier
 
 
-def _skeleton(hf, dtype: torch.dtype):
-    """The transformers model of `hf` on the meta device (no memory); layers are materialised one at a
-    time. SDPA attention: with no mask it is causal, as the whole model runs it."""
+def _skeleton(hf):
+    """The fp32 transformers model of `hf` on the meta device (no memory); layers are materialised one at
+    a time. SDPA attention: with no mask it is causal, as the whole model runs it."""
     import transformers
 
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_config(
+            hf, dtype=torch.float32, attn_implementation="sdpa"
+        )
     return model.eval()
 
 
-def _load(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    module.to_empty(device="cpu")
-    module.load_state_dict(tensors, strict=True, assign=True)
+def _load(module: torch.nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Materialise `module` from the meta device with `tensors`, in fp32 on `device`."""
+    module.to_empty(device=device)
+    module.load_state_dict(
+        {k: t.to(device, torch.float32) for k, t in tensors.items()}, strict=True, assign=True
+    )
 
 
 def _unify_fused_scales(layer: torch.nn.Module, group: list[Binding], layer_prefix: str) -> None:
@@ -184,16 +190,19 @@ def _unify_fused_scales(layer: torch.nn.Module, group: list[Binding], layer_pref
             preprocess_linear_fusion([layer.get_submodule(n) for n in names])
 
 
-def _embed(model, weight: torch.Tensor, prompts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list]:
-    """The calibration prompts' embeddings, and per prompt what every layer takes besides: position
-    ids, rotary embeddings and the causal mask, made as the transformers model makes them."""
+def _embed(
+    model, weight: torch.Tensor, prompts: list[torch.Tensor], device: torch.device
+) -> tuple[list[torch.Tensor], list]:
+    """The calibration prompts' embeddings (fp32, on `device`), and per prompt what every layer takes
+    besides: position ids, rotary embeddings and the causal mask, made as the transformers model makes
+    them."""
     from transformers.masking_utils import create_causal_mask
 
-    hidden = [torch.nn.functional.embedding(ids, weight) for ids in prompts]
-    rotary = type(model.model.rotary_emb)(config=model.config)  # its buffers, built off the meta device
+    hidden = [torch.nn.functional.embedding(ids, weight).to(device, torch.float32) for ids in prompts]
+    rotary = type(model.model.rotary_emb)(config=model.config).to(device)  # off the meta device
     position = []
     for h in hidden:
-        pos = torch.arange(h.shape[1]).unsqueeze(0)
+        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
         mask = create_causal_mask(
             config=model.config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos
         )
@@ -251,7 +260,8 @@ def export_fp8_checkpoint(
     dims, dtype = Dims.of(hf), hf_dtype(hf)
     plan = plan_hf_tensors(ckpt, items, dims, dtype)
     dtype = dtype or plan[0].dtype
-    model = _skeleton(hf, dtype)
+    model = _skeleton(hf)  # calibrates in fp32: exact for bf16 weights, and fast on CPUs
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quantized = {
         f"{name}.weight"
         for name, m in model.named_modules()
@@ -274,13 +284,12 @@ def export_fp8_checkpoint(
             if layer_index is None:
                 for name, t in tensors.items():
                     if name == "model.embed_tokens.weight":
-                        hidden, position = _embed(model, t, prompts)
+                        hidden, position = _embed(model, t, prompts, device)
                     writer.write(name, t)
                 continue
             prefix = f"model.layers.{layer_index}."
             layer = model.model.layers[layer_index]
-            _load(layer, {n.removeprefix(prefix): t for n, t in tensors.items()})
-
+            _load(layer, {n.removeprefix(prefix): t for n, t in tensors.items()}, device)
             hidden, error = _calibrate_layer(layer, group, prefix, hidden, position)
             errors.append(error)
             for name, t in tensors.items():
@@ -289,10 +298,10 @@ def export_fp8_checkpoint(
                     continue
                 linear = layer.get_submodule(name.removeprefix(prefix).removesuffix(".weight"))
                 weight, scale = e4m3(linear.weight, linear.weight_quantizer.amax)
-                writer.write(name, weight)
-                writer.write(name.removesuffix("weight") + "weight_scale", scale)
+                writer.write(name, weight.cpu())
+                writer.write(name.removesuffix("weight") + "weight_scale", scale.cpu())
                 writer.write(
-                    name.removesuffix("weight") + "input_scale", e4m3_scale(linear.input_quantizer.amax)
+                    name.removesuffix("weight") + "input_scale", e4m3_scale(linear.input_quantizer.amax).cpu()
                 )
             model.model.layers[layer_index] = torch.nn.Identity()  # this layer's memory goes
         writer.close()

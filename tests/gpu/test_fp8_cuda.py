@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _shapes import ONE_B
 
 pytestmark = [
     pytest.mark.gpu,
@@ -84,17 +85,6 @@ def test_fp8_rollout_mismatch(tmp_path, fp8):
     mismatch = [m["rollout_mismatch"] for m in steps]
     print(f"rollout_mismatch with {'FP8' if fp8 else 'bf16'} rollout weights: {mismatch}")
     assert all(x < (0.5 if fp8 else 1e-2) for x in mismatch)
-
-
-ONE_B = [  # a 1.1B Llama (TinyLlama's shape) on the Countdown task, random weights
-    "model.hf_config.hidden_size=2048",
-    "model.hf_config.intermediate_size=5632",
-    "model.hf_config.num_hidden_layers=22",
-    "model.hf_config.num_attention_heads=32",
-    "model.hf_config.num_key_value_heads=4",
-    "model.hf_config.max_position_embeddings=2048",
-    "model.params_dtype=bfloat16",
-]
 
 
 def test_te_fp8_training_tracks_bf16(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from _shapes import ONE_B
 
 from scope_mega.rollout import SamplingParams, make_engine
 
@@ -99,14 +100,8 @@ def test_one_rl_step_with_vllm_records_phase_memory(tmp_path):
     assert {"memory/rollout_peak_gib", "memory/update_peak_gib"} <= peaks.keys()
 
 
-ONE_B = [  # a 1.1B Llama (TinyLlama's shape) on the Countdown task, random weights
-    "model.hf_config.hidden_size=2048",
-    "model.hf_config.intermediate_size=5632",
-    "model.hf_config.num_hidden_layers=22",
-    "model.hf_config.num_attention_heads=32",
-    "model.hf_config.num_key_value_heads=4",
-    "model.hf_config.max_position_embeddings=2048",
-    "model.params_dtype=bfloat16",
+ONE_B_VLLM = [
+    *ONE_B,
     "rollout.engine=vllm",
     "rollout.vllm_gpu_memory_utilization=0.3",
     "rl.steps=2",
@@ -124,7 +119,7 @@ def test_plan_against_measured_memory_for_a_1b_model(tmp_path):
     from scope_mega.validation import load_config
 
     run = tmp_path / "run"
-    overrides = [f"run_dir={run}", "device=cuda", "wandb_mode=disabled", *ONE_B]
+    overrides = [f"run_dir={run}", "device=cuda", "wandb_mode=disabled", *ONE_B_VLLM]
     cmd = [sys.executable, "-m", "scope_mega.cli", "train", str(REPO / "examples/tiny_cpu.yaml"), *overrides]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
