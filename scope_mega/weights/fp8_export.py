@@ -18,6 +18,7 @@ appears only when complete.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 from dataclasses import dataclass, replace
@@ -210,28 +211,42 @@ def _embed(
     return hidden, position
 
 
+def _run(layer: torch.nn.Module, hidden: list[torch.Tensor], position: list) -> list[torch.Tensor]:
+    """`layer` on each prompt's hidden states (`position`: its position ids, rotary embeddings, mask)."""
+    return [
+        layer(h, attention_mask=mask, position_ids=pos, position_embeddings=emb)
+        for h, (pos, emb, mask) in zip(hidden, position)
+    ]
+
+
 def _calibrate_layer(
     layer: torch.nn.Module, group: list[Binding], prefix: str, hidden: list[torch.Tensor], position: list
-) -> tuple[list[torch.Tensor], float]:
-    """Quantize `layer` in place with max calibration on `hidden` (one [1, T, H] tensor per prompt,
-    `position` its (position ids, rotary embeddings, mask)), fused groups unified. Returns the layer's
-    unquantized outputs (the next layer's inputs) and its quantized outputs' relative L2 error."""
+) -> list[torch.Tensor]:
+    """Quantize `layer` in place with max calibration on `hidden` (one [1, T, H] tensor per prompt), fused
+    groups unified. Returns the layer's unquantized outputs: the next layer's inputs."""
     import modelopt.torch.quantization as mtq
-
-    def run(module: torch.nn.Module) -> list[torch.Tensor]:
-        return [
-            module(h, attention_mask=mask, position_ids=pos, position_embeddings=emb)
-            for h, (pos, emb, mask) in zip(hidden, position)
-        ]
 
     outputs: list[torch.Tensor] = []
     with contextlib.redirect_stdout(io.StringIO()):  # modelopt prints a line per call
-        mtq.quantize(layer, mtq.FP8_DEFAULT_CFG, lambda m: outputs.extend(run(m)))  # calibrates unquantized
+        mtq.quantize(layer, mtq.FP8_DEFAULT_CFG, lambda m: outputs.extend(_run(m, hidden, position)))
     _unify_fused_scales(layer, group, prefix)
-    fake = run(layer)  # with its quantizers on
-    num = sum(float((f - o).float().square().sum()) for f, o in zip(fake, outputs))
-    den = sum(float(o.float().square().sum()) for o in outputs)
-    return outputs, (num / max(den, 1e-30)) ** 0.5
+    return outputs
+
+
+def _quantized_error(
+    layer: torch.nn.Module, weights: dict[str, torch.Tensor], hidden: list, position: list, outputs: list
+) -> float:
+    """Relative L2 error against `outputs` of the layer with its exported weights (`weights`: submodule
+    name -> dequantized e4m3 codes, bitwise the fake-quantized weight) and its input quantizers on.
+    Replacing each weight once spares fake-quantizing it again on every prompt. Leaves the layer so."""
+    for name, weight in weights.items():
+        linear = layer.get_submodule(name)
+        linear.weight.data = weight
+        linear.weight_quantizer.disable()
+    fake = _run(layer, hidden, position)
+    num = sum(float((f - o).square().sum()) for f, o in zip(fake, outputs))
+    den = sum(float(o.square().sum()) for o in outputs)
+    return (num / max(den, 1e-30)) ** 0.5
 
 
 @torch.no_grad()
@@ -290,20 +305,27 @@ def export_fp8_checkpoint(
             prefix = f"model.layers.{layer_index}."
             layer = model.model.layers[layer_index]
             _load(layer, {n.removeprefix(prefix): t for n, t in tensors.items()}, device)
-            hidden, error = _calibrate_layer(layer, group, prefix, hidden, position)
-            errors.append(error)
+            outputs = _calibrate_layer(layer, group, prefix, hidden, position)
+            exported = {}  # HF weight name -> (e4m3 codes, weight scale, input scale)
+            for name in tensors.keys() & quantized:
+                linear = layer.get_submodule(name.removeprefix(prefix).removesuffix(".weight"))
+                codes, scale = e4m3(linear.weight, linear.weight_quantizer.amax)
+                exported[name] = (codes, scale, e4m3_scale(linear.input_quantizer.amax))
+            dequantized = {
+                n.removeprefix(prefix).removesuffix(".weight"): c.float() * s
+                for n, (c, s, _) in exported.items()
+            }
+            errors.append(_quantized_error(layer, dequantized, hidden, position, outputs))
+            hidden = outputs
             for name, t in tensors.items():
-                if name not in quantized:
+                if name not in exported:
                     writer.write(name, t)
                     continue
-                linear = layer.get_submodule(name.removeprefix(prefix).removesuffix(".weight"))
-                weight, scale = e4m3(linear.weight, linear.weight_quantizer.amax)
-                writer.write(name, weight.cpu())
-                writer.write(name.removesuffix("weight") + "weight_scale", scale.cpu())
-                writer.write(
-                    name.removesuffix("weight") + "input_scale", e4m3_scale(linear.input_quantizer.amax).cpu()
-                )
-            model.model.layers[layer_index] = torch.nn.Identity()  # this layer's memory goes
+                for suffix, value in zip(("weight", *SCALE_SUFFIXES), exported[name]):
+                    writer.write(name.removesuffix("weight") + suffix, value.cpu())
+            model.model.layers[layer_index] = torch.nn.Identity()
+            del layer
+            gc.collect()  # modelopt's quantized modules sit in reference cycles: free this layer now
         writer.close()
         write_hf_config(hf, tmp, dtype)
         config_json = json.loads((tmp / "config.json").read_text())
