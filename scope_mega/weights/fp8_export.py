@@ -233,20 +233,10 @@ def _calibrate_layer(
     return outputs
 
 
-def _quantized_error(
-    layer: torch.nn.Module, weights: dict[str, torch.Tensor], hidden: list, position: list, outputs: list
-) -> float:
-    """Relative L2 error against `outputs` of the layer with its exported weights (`weights`: submodule
-    name -> dequantized e4m3 codes, bitwise the fake-quantized weight) and its input quantizers on.
-    Replacing each weight once spares fake-quantizing it again on every prompt. Leaves the layer so."""
-    for name, weight in weights.items():
-        linear = layer.get_submodule(name)
-        linear.weight.data = weight
-        linear.weight_quantizer.disable()
-    fake = _run(layer, hidden, position)
-    num = sum(float((f - o).square().sum()) for f, o in zip(fake, outputs))
-    den = sum(float(o.square().sum()) for o in outputs)
-    return (num / max(den, 1e-30)) ** 0.5
+def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """Relative L2 distance of `got` from `want` over all prompts."""
+    num = sum(float((g - w).square().sum()) for g, w in zip(got, want))
+    return (num / max(sum(float(w.square().sum()) for w in want), 1e-30)) ** 0.5
 
 
 @torch.no_grad()
@@ -305,24 +295,27 @@ def export_fp8_checkpoint(
             prefix = f"model.layers.{layer_index}."
             layer = model.model.layers[layer_index]
             _load(layer, {n.removeprefix(prefix): t for n, t in tensors.items()}, device)
+            order = list(tensors)
+            for name in tensors.keys() & quantized:
+                del tensors[name]  # the layer holds it now, in fp32
             outputs = _calibrate_layer(layer, group, prefix, hidden, position)
             exported = {}  # HF weight name -> (e4m3 codes, weight scale, input scale)
-            for name in tensors.keys() & quantized:
-                linear = layer.get_submodule(name.removeprefix(prefix).removesuffix(".weight"))
-                codes, scale = e4m3(linear.weight, linear.weight_quantizer.amax)
-                exported[name] = (codes, scale, e4m3_scale(linear.input_quantizer.amax))
-            dequantized = {
-                n.removeprefix(prefix).removesuffix(".weight"): c.float() * s
-                for n, (c, s, _) in exported.items()
-            }
-            errors.append(_quantized_error(layer, dequantized, hidden, position, outputs))
+            for name in order:
+                if name in quantized:
+                    linear = layer.get_submodule(name.removeprefix(prefix).removesuffix(".weight"))
+                    codes, scale = e4m3(linear.weight, linear.weight_quantizer.amax)
+                    exported[name] = (codes.cpu(), scale.cpu(), e4m3_scale(linear.input_quantizer.amax).cpu())
+                    # bitwise its fake-quantized weight, so the error pass need not quantize it per prompt
+                    linear.weight.data = codes.float() * scale
+                    linear.weight_quantizer.disable()
+            errors.append(_relative_error(_run(layer, hidden, position), outputs))
             hidden = outputs
-            for name, t in tensors.items():
+            for name in order:
                 if name not in exported:
-                    writer.write(name, t)
+                    writer.write(name, tensors.pop(name))
                     continue
-                for suffix, value in zip(("weight", *SCALE_SUFFIXES), exported[name]):
-                    writer.write(name.removesuffix("weight") + suffix, value.cpu())
+                for suffix, value in zip(("weight", *SCALE_SUFFIXES), exported.pop(name)):
+                    writer.write(name.removesuffix("weight") + suffix, value)
             model.model.layers[layer_index] = torch.nn.Identity()
             del layer
             gc.collect()  # modelopt's quantized modules sit in reference cycles: free this layer now
