@@ -396,8 +396,56 @@ def collect(out: Path, stage: str = "rl", baseline: str | None = None) -> list[d
                 if xs:
                     row[f"{k}_mean"], row[f"{k}_std"] = mean_std(xs)
             rows.append(row)
-    _write_tables(out, rows, keys)
+    _write_tables(out, rows, keys, stage)
     return rows
+
+
+TRAINING = ["rollout/accuracy", "scope/salvage_rate_failed", "dynamic/kept_frac"]
+FIRST_ERROR = "scope/first_error/"
+
+
+def training_table(out: Path, stage: str = "rl") -> list[str]:
+    """Markdown lines: per point, mean ± std over seeds of each run's mean over its training steps of
+    `TRAINING`, and its first-error histogram: the fraction of the failed rollouts (pooled over the
+    run's steps) whose first wrong step is step k, from the PRM's `scope/first_error/k` counts."""
+    per: dict[str, list[dict[str, float]]] = {}
+    for r in read_runs(out):
+        steps = [m for m in _metrics(run_dir_of(r, out)) if m.get("stage", stage) == stage and "loss" in m]
+        if not steps:
+            continue
+        values = {k: sum(m[k] for m in steps) / len(steps) for k in TRAINING if all(k in m for m in steps)}
+        hist: dict[int, float] = {}
+        for m in steps:
+            for k, v in m.items():
+                if k.startswith(FIRST_ERROR):
+                    i = int(k.removeprefix(FIRST_ERROR))
+                    hist[i] = hist.get(i, 0) + v
+        total = sum(hist.values())
+        values.update({f"first_error@{i}": v / total for i, v in hist.items() if total})
+        per.setdefault(r.point, []).append(values)
+    depth = max(
+        (int(k.split("@")[1]) + 1 for lst in per.values() for v in lst for k in v if "@" in k), default=0
+    )
+    keys = TRAINING + [f"first_error@{i}" for i in range(depth)]
+    heads = [
+        "point",
+        "n",
+        *(k.removeprefix("rollout/").removeprefix("scope/").removeprefix("dynamic/") for k in keys),
+    ]
+    lines = [
+        "Training rollouts: mean ± std over seeds of each run's mean over its steps; `first_error@k`: "
+        "the fraction of failed rollouts whose first wrong step (PRM) is step k, pooled over the run.",
+        "",
+        "| " + " | ".join(heads) + " |",
+        "|" + "---|" * len(heads),
+    ]
+    for point, lst in per.items():
+        cells = [point, str(len(lst))]
+        for k in keys:
+            xs = [v[k] for v in lst if k in v]
+            cells.append(_fmt(*mean_std(xs)) if xs else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _fmt(mu: float | None, sd: float | None, digits: int = 3) -> str:
@@ -406,7 +454,7 @@ def _fmt(mu: float | None, sd: float | None, digits: int = 3) -> str:
     return f"{mu:.{digits}f}" if sd is None or math.isnan(sd) else f"{mu:.{digits}f} ± {sd:.{digits}f}"
 
 
-def _write_tables(out: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
+def _write_tables(out: Path, rows: list[dict[str, Any]], keys: list[str], stage: str) -> None:
     cols = ["point", "when", "n", "seeds", "step"]
     for k in keys + ["wall_s"]:
         cols += [f"{k}_mean", f"{k}_std"]
@@ -428,7 +476,7 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], keys: list[str]) -> Non
         cells += [_fmt(row.get(f"{k}_mean"), row.get(f"{k}_std")) for k in keys]
         cells.append(_fmt(row.get("wall_s_mean"), row.get("wall_s_std"), 0))
         lines.append("| " + " | ".join(cells) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.md").write_text("\n".join([*lines, "", *training_table(out, stage)]) + "\n")
 
 
 # ----------------------------------------------------------------------------- command line

@@ -234,3 +234,22 @@ def test_collect_paired_baseline(tmp_path):
     )
     with pytest.raises(sweep.SpecError):
         sweep.collect(tmp_path, baseline="nope")
+
+
+def test_training_table_means_and_first_error_histogram(tmp_path):
+    spec = {"base": "/abs/c.yaml", "arms": {"scope": {}}, "seeds": [1, 2]}
+    sweep.write_sweep(spec, tmp_path)
+    step = lambda acc, salvage, e0, e1: {
+        "stage": "rl", "loss": 0.0, "rollout/accuracy": acc, "scope/salvage_rate_failed": salvage,
+        "dynamic/kept_frac": 1.0, "scope/first_error/0": e0, "scope/first_error/1": e1,
+    }  # fmt: skip
+    _write_metrics(tmp_path / "runs" / "scope-s1", [step(0.1, 0.2, 3, 1), step(0.3, 0.4, 1, 1)])
+    _write_metrics(tmp_path / "runs" / "scope-s2", [step(0.2, 0.3, 2, 0), {"stage": "rl", "step": 2, "x": 1}])
+    lines = sweep.training_table(tmp_path)
+    assert lines[2] == (
+        "| point | n | accuracy | salvage_rate_failed | kept_frac | first_error@0 | first_error@1 |"
+    )
+    # run 1: accuracy 0.2, salvage 0.3, first errors pooled: 4 of 6 at step 0 (per-step means would
+    # give 0.625); run 2: 0.2, 0.3, 2 of 2 at step 0
+    want = "| scope | 2 | 0.200 ± 0.000 | 0.300 ± 0.000 | 1.000 ± 0.000 | 0.833 ± 0.236 | 0.167 ± 0.236 |"
+    assert lines[4] == want
