@@ -92,7 +92,10 @@ def calibration_config(ckpt: Path, config: RunConfig | None) -> RunConfig:
             f"{ckpt} has no trainer_state.json, so the task whose prompts calibrate FP8 is unknown; "
             "pass --config CONFIG.yaml"
         )
-    cfg = from_dict(RunConfig, json.loads(state.read_text())["config"])
+    recorded = json.loads(state.read_text()).get("config")
+    if not isinstance(recorded, dict):
+        raise ConversionError(f"{state} records no run config; pass --config CONFIG.yaml")
+    cfg = from_dict(RunConfig, recorded)
     return replace(cfg, run_dir=str(ckpt.parent.parent))
 
 
@@ -262,6 +265,12 @@ def export_fp8_checkpoint(
     task, prompts = calibration_prompts(cfg, calib_prompts)
     if not prompts:
         raise ConversionError(f"the task of {ckpt_dir} has no training prompts to calibrate with")
+    top = max(int(ids.max()) for ids in prompts)
+    if top >= hf.vocab_size:
+        raise ConversionError(
+            f"the calibration tokenizer gives token id {top} but the model's vocab_size is {hf.vocab_size}; "
+            "calibrate with the tokenizer the policy was trained with"
+        )
     dims, dtype = Dims.of(hf), hf_dtype(hf)
     plan = plan_hf_tensors(ckpt, items, dims, dtype)
     dtype = dtype or plan[0].dtype

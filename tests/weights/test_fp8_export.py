@@ -169,3 +169,17 @@ def test_architecture_the_mapping_does_not_know(run: dict, capsys, tmp_path: Pat
     err = _error_line(capsys, "export-fp8", str(step), "--out", str(out))
     assert "unsupported architecture 'gpt2'" in err
     assert _nothing_written(out)
+
+
+def test_tokenizer_larger_than_the_model(run: dict, capsys, monkeypatch, tmp_path: Path):
+    """Token ids the embedding does not have are refused before anything is written (not an IndexError)."""
+    from scope_mega.weights import fp8_export
+
+    real = fp8_export.calibration_prompts
+    monkeypatch.setattr(
+        fp8_export, "calibration_prompts", lambda cfg, n: (real(cfg, n)[0], [torch.tensor([[1, 10**6]])])
+    )
+    out = tmp_path / "fp8"
+    err = _error_line(capsys, "export-fp8", str(run["run"]), "--out", str(out))
+    assert "gives token id 1000000 but the model's vocab_size is" in err
+    assert _nothing_written(out)
