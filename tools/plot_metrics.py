@@ -86,6 +86,20 @@ def plot_timing(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def phase_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: the RL stage's seconds per phase summed over all steps, with evaluation."""
+    rl = [m for m in rows if m.get("stage") == "rl"]
+    totals = {p: sum(m.get(f"timing_s/{p}", 0.0) for m in rl) for p in [*PHASES, "eval"]}
+    steps = sum(m.get("timing_s/step", 0.0) for m in rl)
+    if not steps:
+        return []
+    whole = steps + totals["eval"]
+    totals["other"] = steps - sum(v for p, v in totals.items() if p != "eval")  # logging, packing, ...
+    lines = ["## RL time by phase", "", "| phase | seconds | share |", "|---|---|---|"]
+    lines += [f"| {p} | {v:.1f} | {v / whole:.1%} |" for p, v in totals.items() if v > 0.05]
+    return lines + [f"| all | {whole:.1f} | 100% |", ""]
+
+
 def report(run_dir: Path, plots: list[Path]) -> Path:
     """Markdown summary: held-out evaluation before/after, last training metrics, plots."""
     rows = read(run_dir)
@@ -113,6 +127,7 @@ def report(run_dir: Path, plots: list[Path]) -> Path:
                 f"| {m['step']} | " + " | ".join(f"{m.get(k, float('nan')):.3f}" for k in keys) + " |"
             )
         lines.append("")
+    lines += phase_table(rows)
     lines += ["## Curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     path = run_dir / "report.md"
     tmp = path.with_name("report.md.tmp")
