@@ -165,8 +165,11 @@ class RLConfig(Checked):
     num_eval_problems: int = field(default=100, metadata=ge(1))
     eval_samples: int = field(default=8, metadata=ge(1))  # n samples per eval problem for pass@k / avg@k
     init_from: str | None = None  # checkpoint directory with the warm-started policy (e.g. the SFT run)
-    # constant RL learning rate (the `optim` schedule is the SFT stage's)
+    # the RL learning rate (the `optim` schedule is the SFT stage's): constant, or decayed over the run's
+    # optimizer steps to rl.min_lr (linear or cosine), which settles the final policy
     lr: float = field(default=1e-5, metadata=gt(0))
+    decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr: float = field(default=0.0, metadata=ge(0))  # used by linear / cosine only
     # PPO: the rollout batch is split into ppo_mini_batches mini-batches (of micro-batches), one optimizer
     # step each, for ppo_epochs passes; with more than one step the old-policy logprobs come from one
     # Megatron forward before the first (ratio exactly 1 there), and clipping acts from the second on

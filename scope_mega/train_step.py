@@ -210,13 +210,14 @@ def train_step(
     outputs = _run_schedule(
         state.model, state.vocab_size, micro_batches, loss_fn, forward_only=False, need_entropy=need_entropy
     )
+    lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
     ok, grad_norm, _ = state.optimizer.step()
     if not ok:
         raise RuntimeError("optimizer step was skipped (non-finite gradients)")
     state.scheduler.step(increment=1)
     metrics = _reduce_metrics(outputs)
     metrics["grad_norm"] = float(grad_norm)
-    metrics["lr"] = state.optimizer.param_groups[0]["lr"]
+    metrics["lr"] = lr
     return metrics
 
 

@@ -233,7 +233,7 @@ def rl_loss(cfg: PolicyLossConfig, logprobs: torch.Tensor, batch: Batch, entropy
     )
 
 
-PER_UPDATE = ("ratio", "clip_frac_low", "clip_frac_high", "kl", "loss")  # logged for each update
+PER_UPDATE = ("ratio", "clip_frac_low", "clip_frac_high", "kl", "loss", "lr")  # logged for each update
 
 
 def update_policy(
@@ -633,8 +633,13 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     init = None if resume else _init_weights_path(cfg)
     if init is not None:
         load_model_weights(init, model)
+    decays = cfg.rl.decay_style != "constant"
     rl_optim = dataclasses.replace(
-        cfg.optim, lr=cfg.rl.lr, min_lr=cfg.rl.lr, warmup_steps=0, decay_style="constant"
+        cfg.optim,
+        lr=cfg.rl.lr,
+        min_lr=cfg.rl.min_lr if decays else cfg.rl.lr,
+        warmup_steps=0,
+        decay_style=cfg.rl.decay_style,
     )
     optimizer_steps = cfg.rl.steps * cfg.rl.ppo_mini_batches * cfg.rl.ppo_epochs
     state = setup_training(model, spec.vocab_size, rl_optim, cfg.parallel, optimizer_steps)

@@ -51,6 +51,11 @@ def validate(cfg: RunConfig) -> None:
             f"rl.overlong=penalty needs 1 <= rl.overlong_buffer <= rollout.max_new_tokens="
             f"{cfg.rollout.max_new_tokens}, got {cfg.rl.overlong_buffer}"
         )
+    if cfg.rl.decay_style != "constant" and cfg.rl.min_lr > cfg.rl.lr:
+        raise ConfigError(
+            f"rl.min_lr={cfg.rl.min_lr} is above rl.lr={cfg.rl.lr}: rl.decay_style={cfg.rl.decay_style} "
+            "decays from rl.lr down to rl.min_lr; lower rl.min_lr"
+        )
     if cfg.sft.global_batch_size % cfg.sft.micro_batch_size:
         raise ConfigError(
             f"sft.global_batch_size={cfg.sft.global_batch_size} is not a multiple of "

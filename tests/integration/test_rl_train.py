@@ -77,15 +77,19 @@ def test_ppo_mini_batches_in_the_trainer(tmp_path):
     update (ratio exactly 1 there and equal to the engine's within the logged mismatch), ratios away
     from 1 after it; four optimizer steps per RL step, as 2 x 2 of fixed micro-batches and as 4 x 1
     of packed ones (more mini-batches than rl.micro_batch_size would make). The untrained policy earns
-    no reward: an entropy bonus moves the weights."""
+    no reward: an entropy bonus moves the weights. The packed run decays the lr linearly over its four
+    optimizer steps, 1e-4 down to 2e-5: each update logs the rate it used."""
     fixed = ("rl.ppo_mini_batches=2", "rl.ppo_epochs=2")
     packed = ("rl.ppo_mini_batches=4", "rl.max_tokens_per_micro_batch=64")
+    packed += ("rl.decay_style=linear", "rl.min_lr=2e-5")
     for name, layout in (("fixed", fixed), ("packed", packed)):
         _train(tmp_path / name, 1, "parallel.tp=2", *layout, "loss.entropy_coef=0.01")
         (step,) = _rl_steps(tmp_path / name)
         assert step["update_1/ratio"] == 1.0 and step["rollout_mismatch"] < 1e-4
         assert all(step[f"update_{i}/ratio"] != 1.0 for i in (2, 3, 4)) and "update_5/ratio" not in step
         assert step["timing_s/old_logprobs"] > 0
+        lrs = [step[f"update_{i}/lr"] for i in (1, 2, 3, 4)]
+        assert lrs == pytest.approx([1e-4] * 4 if name == "fixed" else [1e-4, 8e-5, 6e-5, 4e-5], rel=1e-9)
 
 
 def test_dynamic_sampling_refill_over_two_replicas(tmp_path):

@@ -48,6 +48,15 @@ def test_pp_must_divide_layers(capsys):
     assert err == "config error: parallel.pp=3 does not divide num_hidden_layers=4; choose a divisor of 4"
 
 
+def test_rl_lr_decays_downwards(capsys):
+    err = _error(["rl.decay_style=cosine", "rl.min_lr=1e-3"], capsys)
+    assert err == (
+        "config error: rl.min_lr=0.001 is above rl.lr=0.0001: rl.decay_style=cosine decays from rl.lr "
+        "down to rl.min_lr; lower rl.min_lr"
+    )
+    load_config(TINY, ["rl.min_lr=1e-3"])  # constant: rl.min_lr is not used
+
+
 def test_fp8_without_transformer_engine(capsys):
     err = _error(["model.fp8.enabled=true"], capsys)
     assert err.startswith("config error: model.fp8.enabled needs Transformer Engine on a CUDA device")
