@@ -166,7 +166,8 @@ class RLConfig(Checked):
     eval_samples: int = field(default=8, metadata=ge(1))  # n samples per eval problem for pass@k / avg@k
     init_from: str | None = None  # checkpoint directory with the warm-started policy (e.g. the SFT run)
     # the RL learning rate (the `optim` schedule is the SFT stage's): constant, or decayed over the run's
-    # optimizer steps to rl.min_lr (linear or cosine), which settles the final policy
+    # optimizer steps to rl.min_lr (linear or cosine), which settles the final policy; a resumed run keeps
+    # the schedule its checkpoint started with (Megatron's scheduler state), even if rl.steps changed
     lr: float = field(default=1e-5, metadata=gt(0))
     decay_style: Literal["constant", "linear", "cosine"] = "constant"
     min_lr: float = field(default=0.0, metadata=ge(0))  # used by linear / cosine only

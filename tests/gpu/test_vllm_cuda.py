@@ -84,6 +84,7 @@ def test_one_rl_step_with_vllm_records_phase_memory(tmp_path):
         "device=cuda",
         "wandb_mode=disabled",
         "rl.steps=1",
+        "rl.dynamic_sampling=off",  # every step updates, whatever the untrained policy earns
         "rl.eval_interval=0",
         "rl.num_eval_problems=8",
         "rollout.engine=vllm",
@@ -105,6 +106,7 @@ ONE_B_VLLM = [
     "rollout.engine=vllm",
     "rollout.vllm_gpu_memory_utilization=0.3",
     "rl.steps=2",
+    "rl.dynamic_sampling=off",  # every step updates, whatever the untrained policy earns
     "rl.eval_interval=0",
     "rl.num_eval_problems=8",
 ]

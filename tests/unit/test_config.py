@@ -54,7 +54,7 @@ def test_rl_lr_decays_downwards(capsys):
         "config error: rl.min_lr=0.001 is above rl.lr=0.0001: rl.decay_style=cosine decays from rl.lr "
         "down to rl.min_lr; lower rl.min_lr"
     )
-    load_config(TINY, ["rl.min_lr=1e-3"])  # constant: rl.min_lr is not used
+    load_config(TINY, ["rl.decay_style=constant", "rl.min_lr=1e-3"])  # constant: rl.min_lr is unused
 
 
 def test_fp8_without_transformer_engine(capsys):
