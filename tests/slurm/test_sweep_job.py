@@ -76,7 +76,9 @@ def test_three_run_sweep_as_job_array(slurm_cluster, slurm_job_dir):
         records = [json.loads(x) for x in (sweep / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in records if "loss" in r]
         assert [r["step"] for r in train] == list(range(1, steps + 1)), (name, records)
-        assert train[0]["lr"] > 0 and all(r["lr"] <= float(lr) for r in train), (name, train)
+        # each step logs the rate it used: 0 for the first of the warm-up, then rising to at most lr
+        assert train[0]["lr"] == 0 < train[-1]["lr"], (name, train)
+        assert all(r["lr"] <= float(lr) for r in train), (name, train)
         assert (sweep / "runs" / name / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
     # Same seed and data, different learning rates: the runs really differ.
     last = [
