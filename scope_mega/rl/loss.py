@@ -8,8 +8,9 @@ Conventions (all per-token tensors are ``[B, S]`` and aligned to target tokens):
 ``on_policy_mask`` marks the model's own response tokens (for a SCOPE-salvaged trajectory: its kept
 prefix), ``off_policy_mask`` the guide's tokens; prompt and padding tokens are in neither, and the
 masks must be disjoint. Values outside the masks are never used, so they may be garbage (even inf).
-A "sequence" (for ``seq_mean`` and ``seq_sum_constant``) is a row with at least one response token;
-all-empty rows (batch padding) count for nothing.
+A "sequence" (for ``seq_mean`` and ``seq_sum_constant``) is a row, or with ``seq_index`` (rows of
+sequences packed end to end) a segment of one, with at least one response token; all-empty ones
+(batch padding) count for nothing.
 
 Normaliser contract: ``policy_loss`` returns ``(loss_sum, normaliser)`` and the optimised loss is
 ``sum(loss_sum) / sum(normaliser)`` over all micro-batches and data-parallel ranks. This is exactly
@@ -147,6 +148,7 @@ def policy_loss(
     rollout_logprobs: Tensor | None = None,
     guide_logprobs: Tensor | None = None,
     entropy: Tensor | None = None,
+    seq_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Metrics]:
     """Loss of one micro-batch as ``(loss_sum, normaliser, metrics)`` (see the module docstring).
 
@@ -155,6 +157,9 @@ def policy_loss(
         set, else only logged (mismatch).
     guide_logprobs: the guide's logprobs of off-policy tokens; needed when ``off_policy == "clip"``.
     entropy: per-token policy entropy (with grad); needed when ``entropy_coef != 0``, else logged.
+    seq_index: the sequence of each position (an int tensor), for rows that hold several sequences
+        end to end (the THD layout); None: each row is one sequence. Only the per-sequence
+        aggregations read it.
 
     metrics: name -> (sum, count), detached float 0-dim tensors, so micro-batches and ranks
     aggregate by summing both before dividing. Keys always present: clip_frac_low, clip_frac_high,
@@ -178,6 +183,7 @@ def policy_loss(
         "rollout_logprobs": rollout_logprobs,
         "guide_logprobs": guide_logprobs,
         "entropy": entropy,
+        "seq_index": seq_index,
     }
     for name, tensor in named.items():
         if tensor is not None and tensor.shape != shape:
@@ -256,12 +262,17 @@ def policy_loss(
     metrics["off_policy_frac"] = (off.sum(), resp.sum())
     metrics["off_policy_prob"] = (masked(p_off.detach(), off).sum(), off.sum())
 
-    seq_tokens = resp.sum(dim=1)
+    def per_sequence(x: Tensor) -> Tensor:
+        if seq_index is None:
+            return x.sum(dim=1)
+        return x.new_zeros(int(seq_index.max()) + 1).index_add(0, seq_index.flatten(), x.flatten())
+
+    seq_tokens = per_sequence(resp.float())
     num_seqs = (seq_tokens > 0).sum()
     if cfg.aggregation == "token_mean":
         loss_sum, normaliser = token_loss.sum(), resp.sum()
     elif cfg.aggregation == "seq_mean":
-        loss_sum = (token_loss.sum(dim=1) / seq_tokens.clamp(min=1)).sum()
+        loss_sum = (per_sequence(token_loss) / seq_tokens.clamp(min=1)).sum()
         normaliser = num_seqs
     else:
         loss_sum, normaliser = token_loss.sum(), num_seqs * cfg.max_len

@@ -207,6 +207,32 @@ def test_aggregation_on_ragged_mask(aggregation, loss_sum, normaliser):
     assert metrics["off_policy_prob"][0].item() == pytest.approx(0.9, abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("aggregation", "loss_sum", "normaliser"),
+    [("token_mean", -3.0 + 3.8, 5), ("seq_mean", -1.0 + 1.9, 2), ("seq_sum_constant", -3.0 + 3.8, 2 * 8)],
+)
+def test_aggregation_of_sequences_packed_in_one_row(aggregation, loss_sum, normaliser):
+    """The ragged batch's rows end to end in one row (the THD layout): `seq_index` gives the same
+    hand-computed values and gradients as the rows. Without it the packed row would be one sequence,
+    and seq_mean would be the mean over all 5 tokens, 0.8 / 5 over 1 sequence."""
+    lp, old, adv, on, off, _ = ragged_batch()
+    cfg = PolicyLossConfig(aggregation=aggregation, max_len=8)
+    total, norm, _ = policy_loss(lp, old, adv, on, off, cfg)
+    total.backward()
+    flat = leaf(lp.detach().reshape(1, 12))
+    seq_index = torch.arange(3).repeat_interleave(4)[None]
+    packed = [x.reshape(1, 12) for x in (old, adv, on, off)]
+    total_packed, norm_packed, _ = policy_loss(flat, *packed, cfg, seq_index=seq_index)
+    total_packed.backward()
+    assert total_packed.item() == pytest.approx(loss_sum, abs=1e-5) and norm_packed.item() == normaliser
+    assert torch.equal(flat.grad.reshape(3, 4), lp.grad)
+    one_sequence, one, _ = policy_loss(leaf(flat.detach()), *packed, cfg)
+    if aggregation == "seq_mean":
+        assert (one_sequence.item(), one.item()) == (pytest.approx(0.8 / 5, abs=1e-6), 1)
+    with pytest.raises(ValueError, match="seq_index has shape"):
+        policy_loss(flat, *packed, cfg, seq_index=seq_index[:, :6])
+
+
 def test_prompt_tokens_get_zero_gradient():
     lp, old, adv, on, off, ref = ragged_batch()
     cfg = PolicyLossConfig(kl_coef=0.5, entropy_coef=0.01)
