@@ -157,10 +157,15 @@ class RLConfig(Checked):
     prompts_per_step: int = field(default=8, metadata=ge(1))
     group_size: int = field(default=8, metadata=ge(2))  # GRPO compares samples within a group
     micro_batch_size: int = field(default=16, metadata=ge(1))
-    # when set, micro-batches are packed by this token budget instead (rows x longest row, similar
-    # lengths together: rl/packing.py; a longer sequence gets a micro-batch of its own) and
-    # rl.micro_batch_size is not used; the padding is logged
+    # when set, micro-batches are packed by this token budget instead (rl/packing.py; a longer sequence
+    # gets a micro-batch of its own) and rl.micro_batch_size is not used; the padding is logged
     max_tokens_per_micro_batch: int | None = field(default=None, metadata=ge(1))
+    # the layout of packed micro-batches: "padded" (rows of similar lengths, rows x longest row within
+    # the budget), "thd" (the sequences end to end in one row, attention within each by cu_seqlens, no
+    # padding but a rounding of the row for FP8 and sequence parallelism; Transformer Engine's
+    # variable-length attention, or the local one a sequence at a time), "auto": thd where the
+    # layers are Transformer Engine's, padded elsewhere
+    packing: Literal["auto", "padded", "thd"] = "auto"
     eval_interval: int = field(default=10, metadata=ge(0))  # 0: evaluate only before and after training
     num_eval_problems: int = field(default=100, metadata=ge(1))
     eval_samples: int = field(default=8, metadata=ge(1))  # n samples per eval problem for pass@k / avg@k

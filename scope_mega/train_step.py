@@ -1,8 +1,9 @@
 """The training engine: Megatron DDP + Megatron optimizer + `get_forward_backward_func`.
 
 A step takes this data-parallel rank's micro-batches (dicts of [b, s] tensors with `input_ids`,
-`position_ids`, `targets`, plus whatever the loss needs) and a loss function over per-token
-log-probabilities. Pipeline parallelism, micro-batching and gradient reduction are Megatron's own.
+`position_ids`, `targets`, plus whatever the loss needs; packed ones also `cu_seqlens`) and a loss
+function over per-token log-probabilities. Pipeline parallelism, micro-batching and gradient
+reduction are Megatron's own.
 
 Loss contract (`LossFn`): `loss_fn(logprobs, batch, entropy) -> (loss_sum, normaliser, metrics)`.
 `loss_sum` is a scalar, `normaliser` an int tensor, `metrics` maps a name to a (sum, count) pair of
@@ -106,12 +107,27 @@ def _on_device(batch: Batch, model: torch.nn.Module) -> Batch:
     return batch
 
 
+def _model_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """This stage's forward on a micro-batch; one that carries `cu_seqlens` is packed (THD layout:
+    one row of sequences end to end, each attending within itself, RoPE restarting at each)."""
+    packed = None
+    if "cu_seqlens" in batch:
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu = batch["cu_seqlens"]
+        longest = int((cu[1:] - cu[:-1]).max())
+        packed = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+        )
+    return model(batch["input_ids"], batch["position_ids"], attention_mask=None, packed_seq_params=packed)
+
+
 def _forward_step(vocab_size: int, loss_fn: LossFn, need_entropy: bool, data_iterator, model):
     """Megatron forward_step_func: run the stage; on the last stage turn logits into token logprobs."""
     from megatron.core import parallel_state
 
     batch = _on_device(next(data_iterator), model)
-    output = model(batch["input_ids"], batch["position_ids"], attention_mask=None)
+    output = _model_forward(model, batch)
     if not parallel_state.is_pipeline_last_stage():
         return output, None
 
@@ -163,7 +179,7 @@ def pipeline_forward(
 
     def forward_step(data_iterator, chunk):
         batch = _on_device(next(data_iterator), chunk)
-        output = chunk(batch["input_ids"], batch["position_ids"], attention_mask=None)
+        output = _model_forward(chunk, batch)
 
         def keep(out: torch.Tensor):
             on_output(out, batch)

@@ -19,6 +19,7 @@ weights.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from scope_mega.checkpointing import (
     RL_CHECKPOINTS,
@@ -50,7 +52,7 @@ from scope_mega.models.gpt import build_gpt_model
 from scope_mega.plan import check_memory_here
 from scope_mega.rl.advantages import group_advantages, overlong_reward
 from scope_mega.rl.loss import PolicyLossConfig, policy_loss
-from scope_mega.rl.packing import pack_by_token_budget
+from scope_mega.rl.packing import cu_seqlens, pack_by_token_budget
 from scope_mega.rollout.engine import SamplingParams
 from scope_mega.rollout.factory import make_engine
 from scope_mega.rollout.weight_sync import sync_weights
@@ -166,50 +168,75 @@ def no_loss_sample(pad_id: int) -> Sample:
     return Sample([pad_id], [pad_id], [0.0], [False], [0.0], in_loss=False)
 
 
+def _sample_tensors(s: Sample) -> Batch:
+    """One sample's 1-D tensors over its positions, aligned to targets (position t predicts token t+1);
+    the loss inputs are 0 on the prompt."""
+    toks = torch.tensor(s.prompt_ids + s.response_ids)
+    lo = len(s.prompt_ids) - 1  # the target position of the first response token
+    offp = torch.tensor(s.off_policy, dtype=torch.bool)
+    out = {"input_ids": toks[:-1], "targets": toks[1:]}
+    response = {
+        "on_mask": (~offp).float() * s.in_loss,
+        "off_mask": offp.float() * s.in_loss,
+        "advantages": torch.tensor(s.advantages),
+        "rollout_logprobs": torch.tensor(s.rollout_logprobs),
+        "guide_logprobs": torch.tensor(s.guide_logprobs or [0.0] * len(offp)),
+    }
+    for key, values in response.items():
+        out[key] = torch.cat([torch.zeros(lo), values])
+    return out
+
+
 def to_micro_batches(
-    samples: list[Sample], micro: int, pad_id: int, max_tokens: int | None = None
+    samples: list[Sample],
+    micro: int,
+    pad_id: int,
+    max_tokens: int | None = None,
+    thd: bool = False,
+    align: int = 1,
 ) -> list[Batch]:
-    """Right-padded [b, s] tensors aligned to targets (position t predicts token t+1): `micro` samples
-    each, padded to the longest sample of all; or, with `max_tokens`, packed by that token budget
-    (`rl.packing.pack_by_token_budget`), each padded to its own longest; a sample longer than the
-    budget (a long salvaged trajectory) gets a micro-batch of its own. `tokens` holds each
-    micro-batch's count of real positions."""
+    """The samples as micro-batches of [b, s] tensors (`_sample_tensors`), in one of two layouts.
+
+    Padded: `micro` samples each, right-padded to the longest sample of all; or, with `max_tokens`,
+    packed by that token budget (`rl.packing.pack_by_token_budget`), each padded to its own longest.
+    THD (`thd`, needs `max_tokens`): each micro-batch is one row of its samples end to end, padded to
+    a multiple of `align`, with `cu_seqlens` (the samples' boundaries, the padding a segment of its
+    own) and `seq_index` (each position's sample within the row) for per-sequence loss aggregation.
+    A sample longer than the budget (a long salvaged trajectory) gets a micro-batch of its own.
+    `tokens` holds each micro-batch's count of real positions."""
     lengths = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]
     if max_tokens is None:
+        if thd:
+            raise ValueError("the THD layout packs by a token budget: give max_tokens")
         indices = [list(range(i, min(i + micro, len(samples)))) for i in range(0, len(samples), micro)]
     else:
-        indices = pack_by_token_budget(lengths, max(max_tokens, *lengths))
+        # a THD row's rounding up to `align` stays within a budget that is a multiple of it
+        budget = max_tokens // align * align if thd else max_tokens
+        indices = pack_by_token_budget(lengths, max(budget, *lengths), thd=thd)
+    fill = {"input_ids": pad_id, "targets": pad_id}
     batches = []
     for idx in indices:
-        rows = [samples[i] for i in idx]
-        b, seq = len(rows), max(lengths) if max_tokens is None else max(lengths[i] for i in idx)
-        ids = torch.full((b, seq + 1), pad_id, dtype=torch.long)
-        on, off = torch.zeros(b, seq), torch.zeros(b, seq)
-        adv, rollout_lp, guide_lp = torch.zeros(b, seq), torch.zeros(b, seq), torch.zeros(b, seq)
-        for r, s in enumerate(rows):
-            toks = s.prompt_ids + s.response_ids
-            ids[r, : len(toks)] = torch.tensor(toks)
-            lo, hi = len(s.prompt_ids) - 1, len(toks) - 1  # target positions of the response tokens
-            offp = torch.tensor(s.off_policy, dtype=torch.bool)
-            on[r, lo:hi] = (~offp).float() * s.in_loss
-            off[r, lo:hi] = offp.float() * s.in_loss
-            adv[r, lo:hi] = torch.tensor(s.advantages)
-            rollout_lp[r, lo:hi] = torch.tensor(s.rollout_logprobs)
-            if s.guide_logprobs is not None:
-                guide_lp[r, lo:hi] = torch.tensor(s.guide_logprobs)
-        batches.append(
-            dict(
-                input_ids=ids[:, :-1],
-                targets=ids[:, 1:],
-                position_ids=torch.arange(seq).expand(b, seq),
-                on_mask=on,
-                off_mask=off,
-                advantages=adv,
-                rollout_logprobs=rollout_lp,
-                guide_logprobs=guide_lp,
-                tokens=torch.tensor(sum(lengths[i] for i in idx)),
-            )
-        )
+        rows = [_sample_tensors(samples[i]) for i in idx]
+        if thd:
+            bounds, pad = cu_seqlens([lengths[i] for i in idx], align)
+            tail = {key: value.new_full((pad,), fill.get(key, 0)) for key, value in rows[0].items()}
+            batch = {key: torch.cat([*(r[key] for r in rows), tail[key]])[None] for key in tail}
+            batch["position_ids"] = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])])[None]
+            batch["cu_seqlens"] = torch.tensor(bounds, dtype=torch.int32)
+            batch["seq_index"] = torch.repeat_interleave(
+                torch.arange(len(bounds) - 1), torch.tensor(bounds).diff()
+            )[None]
+        else:
+            seq = max(lengths) if max_tokens is None else max(lengths[i] for i in idx)
+            batch = {
+                key: torch.stack(
+                    [F.pad(r[key], (0, seq - r[key].numel()), value=fill.get(key, 0)) for r in rows]
+                )
+                for key in rows[0]
+            }
+            batch["position_ids"] = torch.arange(seq).expand(len(rows), seq)
+        batch["tokens"] = torch.tensor(sum(lengths[i] for i in idx))
+        batches.append(batch)
     return batches
 
 
@@ -230,6 +257,7 @@ def rl_loss(cfg: PolicyLossConfig, logprobs: torch.Tensor, batch: Batch, entropy
         rollout_logprobs=batch["rollout_logprobs"],
         guide_logprobs=batch["guide_logprobs"] if cfg.off_policy == "clip" else None,
         entropy=entropy,
+        seq_index=batch.get("seq_index"),
     )
 
 
@@ -628,6 +656,15 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     is_driver = parallel_state.get_model_parallel_group().rank() == 0
 
     model, spec = build_gpt_model(cfg.model, cfg.parallel, device)
+    # packed micro-batches in the THD layout (rl.packing), each row a multiple of 16 tokens for FP8
+    # GEMMs and of TP for sequence parallelism, which splits it over the TP ranks
+    packing = (
+        cfg.rl.packing if cfg.rl.packing != "auto" else "thd" if spec.transformer_impl == "te" else "padded"
+    )
+    thd = packing == "thd" and cfg.rl.max_tokens_per_micro_batch is not None
+    align = math.lcm(
+        16 if cfg.model.fp8.enabled else 1, cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+    )
     ckpt_root = Path(cfg.run_dir) / RL_CHECKPOINTS
     resume = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     init = None if resume else _init_weights_path(cfg)
@@ -721,7 +758,12 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         # (a replica whose groups dynamic sampling all dropped trains on one sample outside the loss)
         pad = task.tokenizer.pad_id
         micro = to_micro_batches(
-            samples or [no_loss_sample(pad)], cfg.rl.micro_batch_size, pad, cfg.rl.max_tokens_per_micro_batch
+            samples or [no_loss_sample(pad)],
+            cfg.rl.micro_batch_size,
+            pad,
+            cfg.rl.max_tokens_per_micro_batch,
+            thd,
+            align,
         )
         timings: dict[str, float] = {}
         with timed(timings, "offload"):

@@ -56,6 +56,11 @@ def validate(cfg: RunConfig) -> None:
             f"rl.min_lr={cfg.rl.min_lr} is above rl.lr={cfg.rl.lr}: rl.decay_style={cfg.rl.decay_style} "
             "decays from rl.lr down to rl.min_lr; lower rl.min_lr"
         )
+    if cfg.rl.packing == "thd" and cfg.rl.max_tokens_per_micro_batch is None:
+        raise ConfigError(
+            "rl.packing=thd packs micro-batches by a token budget: set rl.max_tokens_per_micro_batch "
+            "(e.g. 4 x the longest sequence), or rl.packing=padded"
+        )
     if cfg.sft.global_batch_size % cfg.sft.micro_batch_size:
         raise ConfigError(
             f"sft.global_batch_size={cfg.sft.global_batch_size} is not a multiple of "

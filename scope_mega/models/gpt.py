@@ -30,7 +30,11 @@ def layer_spec(impl: str, qk_norm: bool):
 
     if impl == "te":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-    return get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
+    from scope_mega.models.attention import PackedDotProductAttention
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
 
 
 def build_gpt_model(

@@ -1,6 +1,12 @@
-"""Micro-batches packed by a token budget (`rl.max_tokens_per_micro_batch`) against the same samples
-padded to the longest of all, on a tiny Megatron policy in one process (fp32): every response token's
-logprob and the loss agree to 1e-6, with far less padding."""
+"""Micro-batches packed by a token budget (`rl.max_tokens_per_micro_batch`), in both layouts, against
+the same samples padded to the longest of all, on a tiny Megatron policy in one process (fp32).
+
+Padded-packed (rows of similar lengths) and THD (the samples end to end in one row, `cu_seqlens`
+keeping attention and RoPE within each, through the local core attention a segment at a time): every
+response token's logprob, the token- and sequence-mean losses, and one optimizer step's gradient norm
+and weights agree with the padded batches, with far less padding. The same THD rows without their
+boundaries (one segment: attention and positions run across the samples) are far off, which shows
+the comparison can fail."""
 
 import json
 import random
@@ -14,16 +20,20 @@ from scope_mega.runtime.spawn import spawn_local
 
 pytestmark = [pytest.mark.distributed]
 
+BUDGET = 96
 
-def _worker(out: str):
+
+def _worker(out: str, device: str = "cpu", dtype: str = "float32"):
+    """Writes the comparison to `out` (JSON); tests/gpu runs it on CUDA with Transformer Engine."""
+    import torch
+
     from scope_mega.config import RunConfig, from_dict
     from scope_mega.rl.packing import pack_by_token_budget
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
-    from scope_mega.train_step import evaluate_loss, store_logprobs
+    from scope_mega.train_step import evaluate_loss, store_logprobs, train_step
     from scope_mega.trainer import Sample, rl_loss, to_micro_batches
 
-    dev = init_distributed(device="cpu", seed=2)
-    state = build_state(dev)
+    dev = init_distributed(device=device, seed=2)
     rng = random.Random(0)
     samples = []
     for _ in range(12):  # prompts of 5-9 tokens, responses of 3-60: lengths spread like rollouts
@@ -33,35 +43,76 @@ def _worker(out: str):
         samples.append(
             Sample(prompt, response, adv, [j % 7 == 0 for j in range(len(response))], [-1.0] * len(response))
         )
-    padded = to_micro_batches(samples, 4, pad_id=0)
-    packed = to_micro_batches(samples, 4, pad_id=0, max_tokens=96)
     lengths = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]
-    order = [i for batch in pack_by_token_budget(lengths, 96) for i in batch]
-    for micro in (padded, packed):
+    layouts = {
+        "padded": (to_micro_batches(samples, 4, pad_id=0), [list(range(i, i + 4)) for i in (0, 4, 8)]),
+        "packed": (
+            to_micro_batches(samples, 4, pad_id=0, max_tokens=BUDGET),
+            pack_by_token_budget(lengths, BUDGET),
+        ),
+        "thd": (
+            to_micro_batches(samples, 4, pad_id=0, max_tokens=BUDGET, thd=True, align=16),
+            pack_by_token_budget(lengths, BUDGET, thd=True),
+        ),
+    }
+    leaky = [dict(mb, cu_seqlens=mb["cu_seqlens"][[0, -1]]) for mb in layouts["thd"][0]]
+
+    def response_logprobs(micro, batches):
+        """Sample index -> its response tokens' logprobs, read from the rows or THD segments of `micro`,
+        whose micro-batches hold the samples `batches` (lists of indices, in order)."""
+        result = {}
+        for mb, idx in zip(micro, batches):
+            starts = mb["cu_seqlens"].tolist() if "cu_seqlens" in mb else [0] * len(idx)
+            for r, (i, start) in enumerate(zip(idx, starts)):
+                row, lo = (0, start) if "cu_seqlens" in mb else (r, 0)
+                lo += len(samples[i].prompt_ids) - 1
+                result[i] = mb["lp"][row, lo : lo + len(samples[i].response_ids)]
+        return result
+
+    state = build_state(dev, dtype)
+    attention = {
+        type(m).__name__ for m in state.model[0].modules() if type(m).__name__.endswith("DotProductAttention")
+    }
+    lp = {}
+    for name, (micro, order) in layouts.items():
         store_logprobs(state.model, state.vocab_size, micro, "lp")
-
-    def response_logprobs(micro, sample_order):
-        rows = [(mb, r) for mb in micro for r in range(mb["input_ids"].shape[0])]
-        out = {}
-        for i, (mb, r) in zip(sample_order, rows):
-            s = samples[i]
-            lo, hi = len(s.prompt_ids) - 1, len(s.prompt_ids) + len(s.response_ids) - 1
-            out[i] = mb["lp"][r, lo:hi]
-        return out
-
-    a, b = response_logprobs(padded, range(12)), response_logprobs(packed, order)
-    cfg = from_dict(RunConfig, {"loss": {"entropy_coef": 0.0}})
-    loss = [evaluate_loss(state, micro, partial(rl_loss, cfg.loss))["loss"] for micro in (padded, packed)]
+        lp[name] = response_logprobs(micro, order)
+    store_logprobs(state.model, state.vocab_size, leaky, "lp")
+    thd_micro, thd_order = layouts["thd"]
+    lp["leaky"] = response_logprobs([dict(mb, lp=x["lp"]) for mb, x in zip(thd_micro, leaky)], thd_order)
+    losses = {}
+    for agg in ("token_mean", "seq_mean"):
+        cfg = from_dict(RunConfig, {"loss": {"entropy_coef": 0.0, "aggregation": agg}})
+        for name, (micro, _) in layouts.items():
+            losses[f"{agg}/{name}"] = evaluate_loss(state, micro, partial(rl_loss, cfg.loss))["loss"]
+    steps = {}
+    for name, (micro, _) in layouts.items():
+        state = build_state(dev, dtype)  # the same starting weights each time (seed 0)
+        grad_norm = train_step(state, micro, partial(rl_loss, RunConfig().loss), need_entropy=True)[
+            "grad_norm"
+        ]
+        weights = torch.cat([p.detach().flatten() for p in state.model[0].parameters()])
+        steps[name] = (grad_norm, weights)
 
     def slots(micro):
         return sum(mb["input_ids"].numel() for mb in micro)
 
+    def max_diff(name):
+        return max((lp["padded"][i] - lp[name][i]).abs().max().item() for i in range(12))
+
+    def mean_diff(name):
+        return torch.cat([(lp["padded"][i] - lp[name][i]).abs() for i in range(12)]).mean().item()
+
     report = {
-        "max_diff": max((a[i] - b[i]).abs().max().item() for i in range(12)),
-        "loss": loss,
-        "shapes": [list(mb["input_ids"].shape) for mb in packed],
-        "waste": [1 - sum(lengths) / slots(m) for m in (padded, packed)],
-        "tokens": [int(sum(mb["tokens"] for mb in m)) for m in (padded, packed)],
+        "attention": sorted(attention),
+        "max_diff": {name: max_diff(name) for name in ("packed", "thd", "leaky")},
+        "mean_diff": {name: mean_diff(name) for name in ("packed", "thd", "leaky")},
+        "loss": losses,
+        "grad_norm": {name: g for name, (g, _) in steps.items()},
+        "weights_diff": {name: (w - steps["padded"][1]).abs().max().item() for name, (_, w) in steps.items()},
+        "shapes": {name: [list(mb["input_ids"].shape) for mb in m] for name, (m, _) in layouts.items()},
+        "waste": {name: 1 - sum(lengths) / slots(m) for name, (m, _) in layouts.items()},
+        "tokens": {name: int(sum(mb["tokens"] for mb in m)) for name, (m, _) in layouts.items()},
         "lengths": sum(lengths),
     }
     Path(out).write_text(json.dumps(report))
@@ -72,9 +123,21 @@ def test_packed_micro_batches_give_the_padded_ones_results(tmp_path):
     out = tmp_path / "report.json"
     spawn_local(_worker, 1, str(out))
     r = json.loads(out.read_text())
-    print(r)
-    assert r["max_diff"] <= 1e-6
-    assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-6, abs=1e-7)
-    assert all(b * s <= 96 for b, s in r["shapes"]) and len({tuple(x) for x in r["shapes"]}) > 1
-    assert r["tokens"] == [r["lengths"], r["lengths"]]
-    assert r["waste"][1] < r["waste"][0] / 2
+    print(json.dumps({k: v for k, v in r.items() if k != "shapes"}, indent=1))
+    assert r["attention"] == ["PackedDotProductAttention"]
+    assert r["max_diff"]["packed"] <= 1e-6 and r["max_diff"]["thd"] <= 1e-6
+    assert r["max_diff"]["leaky"] > 1e-2  # the check fails where sequences see each other
+    for agg in ("token_mean", "seq_mean"):
+        for name in ("packed", "thd"):
+            assert r["loss"][f"{agg}/{name}"] == pytest.approx(r["loss"][f"{agg}/padded"], rel=1e-6, abs=1e-7)
+    assert r["loss"]["token_mean/padded"] != pytest.approx(r["loss"]["seq_mean/padded"], rel=1e-2)
+    for name in ("packed", "thd"):
+        assert r["grad_norm"][name] == pytest.approx(r["grad_norm"]["padded"], rel=1e-5)
+        assert r["weights_diff"][name] <= 1e-6
+    assert (
+        all(b * s <= BUDGET for b, s in r["shapes"]["packed"])
+        and len(set(map(tuple, r["shapes"]["packed"]))) > 1
+    )
+    assert all(b == 1 and s <= BUDGET and s % 16 == 0 for b, s in r["shapes"]["thd"])
+    assert r["tokens"] == {name: r["lengths"] for name in ("padded", "packed", "thd")}
+    assert r["waste"]["packed"] < r["waste"]["padded"] / 2 and r["waste"]["thd"] < r["waste"]["packed"]

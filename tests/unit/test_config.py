@@ -57,6 +57,16 @@ def test_rl_lr_decays_downwards(capsys):
     load_config(TINY, ["rl.decay_style=constant", "rl.min_lr=1e-3"])  # constant: rl.min_lr is unused
 
 
+def test_thd_packing_needs_a_token_budget(capsys):
+    err = _error(["rl.packing=thd", "rl.max_tokens_per_micro_batch=null"], capsys)
+    assert err == (
+        "config error: rl.packing=thd packs micro-batches by a token budget: set "
+        "rl.max_tokens_per_micro_batch (e.g. 4 x the longest sequence), or rl.packing=padded"
+    )
+    assert load_config(TINY, ["rl.packing=thd"]).rl.max_tokens_per_micro_batch == 512  # the demo's
+    assert "rl.packing must be one of" in _error(["rl.packing=bshd"], capsys)
+
+
 def test_fp8_without_transformer_engine(capsys):
     err = _error(["model.fp8.enabled=true"], capsys)
     assert err.startswith("config error: model.fp8.enabled needs Transformer Engine on a CUDA device")

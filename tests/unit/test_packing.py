@@ -1,22 +1,28 @@
-"""Token-budget packing and right-padding."""
+"""Token-budget packing, in the padded and the THD layout, and the trainer's micro-batches."""
 
 import random
 
 import pytest
-import torch
 
-from scope_mega.rl.packing import pack_by_token_budget, packing_stats, pad_right
+from scope_mega.rl.packing import cu_seqlens, pack_by_token_budget
 
 
 def test_pack_hand_example():
     lengths = [5, 3, 8, 2, 7, 3]
     # decreasing: 8(2) 7(4) 5(0) 3(1) 3(5) 2(3); budget 16:
     # [2, 4] -> 2*8 = 16; [0, 1, 5] -> 3*5 = 15 (a 4th would be 20); [3] -> 2
-    batches = pack_by_token_budget(lengths, 16)
-    assert batches == [[2, 4], [0, 1, 5], [3]]
-    stats = packing_stats(lengths, batches)
-    assert (stats.num_micro_batches, stats.tokens, stats.slots, stats.pad_tokens) == (3, 28, 33, 5)
-    assert stats.waste == pytest.approx(5 / 33)
+    assert pack_by_token_budget(lengths, 16) == [[2, 4], [0, 1, 5], [3]]
+    # THD, by the sum: 8 -> A (8); 7 -> A (15); 5 -> B (5); 3 -> B (8, A has 1 left); 3 -> B (11);
+    # 2 -> B (13): first fit, not next fit, and 2 rows of 15 and 13 tokens instead of 16 + 15 + 2 slots
+    assert pack_by_token_budget(lengths, 16, thd=True) == [[2, 4], [0, 1, 5, 3]]
+
+
+def test_cu_seqlens_hand_example():
+    assert cu_seqlens([3, 5, 2], align=4) == ([0, 3, 8, 10, 12], 2)  # the padding is a segment of its own
+    assert cu_seqlens([4, 4], align=4) == ([0, 4, 8], 0)
+    assert cu_seqlens([5]) == ([0, 5], 0)
+    with pytest.raises(ValueError, match="align"):
+        cu_seqlens([5], align=0)
 
 
 def test_pack_budget_coverage_determinism():
@@ -24,17 +30,18 @@ def test_pack_budget_coverage_determinism():
     for _ in range(50):
         budget = rng.randint(8, 200)
         lengths = [rng.randint(1, budget) for _ in range(rng.randint(0, 40))]
-        batches = pack_by_token_budget(lengths, budget)
-        assert batches == pack_by_token_budget(list(lengths), budget)
-        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-        for b in batches:
-            assert b and len(b) * max(lengths[i] for i in b) <= budget
+        for thd in (False, True):
+            batches = pack_by_token_budget(lengths, budget, thd=thd)
+            assert batches == pack_by_token_budget(list(lengths), budget, thd=thd)
+            assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+            for b in batches:
+                cost = sum(lengths[i] for i in b) if thd else len(b) * max(lengths[i] for i in b)
+                assert b and cost <= budget
 
 
 def test_pack_equal_lengths_no_waste():
-    batches = pack_by_token_budget([4] * 7, 12)
-    assert batches == [[0, 1, 2], [3, 4, 5], [6]]
-    assert packing_stats([4] * 7, batches).waste == 0.0
+    assert pack_by_token_budget([4] * 7, 12) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert pack_by_token_budget([4] * 7, 12, thd=True) == [[0, 1, 2], [3, 4, 5], [6]]
 
 
 def test_pack_errors():
@@ -47,18 +54,6 @@ def test_pack_errors():
     assert pack_by_token_budget([], 16) == []
 
 
-def test_pad_right():
-    seqs = [torch.tensor([1, 2, 3]), torch.tensor([4]), torch.tensor([5, 6])]
-    padded, mask = pad_right(seqs, pad_value=-1)
-    assert padded.tolist() == [[1, 2, 3], [4, -1, -1], [5, 6, -1]]
-    assert mask.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
-    assert padded.dtype == torch.int64 and mask.dtype == torch.bool
-    with pytest.raises(ValueError, match="1-D"):
-        pad_right([torch.zeros(2, 2)])
-    with pytest.raises(ValueError, match="at least one"):
-        pad_right([])
-
-
 def test_trainer_gives_a_sequence_longer_than_the_budget_its_own_micro_batch():
     """A salvaged trajectory can outgrow `rl.max_tokens_per_micro_batch`: it is trained alone, not refused."""
     from scope_mega.trainer import Sample, to_micro_batches
@@ -67,3 +62,36 @@ def test_trainer_gives_a_sequence_longer_than_the_budget_its_own_micro_batch():
     micro = to_micro_batches(samples, 1, pad_id=0, max_tokens=16)
     assert [tuple(b["input_ids"].shape) for b in micro] == [(1, 32), (2, 7)]
     assert [int(b["tokens"]) for b in micro] == [32, 13]
+
+
+def test_thd_micro_batch_by_hand():
+    """Two samples end to end in one row, rounded up to 8 positions: targets shifted within each
+    sample, positions restarting at each, the loss inputs on the response only, the padding its own
+    segment with no loss; the budget of 9 holds both (5 + 3 = 8 positions once rounded to 8)."""
+    import torch
+
+    from scope_mega.trainer import Sample, to_micro_batches
+
+    a = Sample(
+        [1, 2, 3], [4, 5, 6], [0.5, 0.5, 0.5], [False, True, False], [-1.0, 0.0, -3.0], [0.0, -2.0, 0.0]
+    )
+    b = Sample([7, 8], [9, 10], [-1.0, -1.0], [False, False], [-4.0, -5.0], in_loss=False)
+    (mb,) = to_micro_batches([a, b], 1, pad_id=0, max_tokens=9, thd=True, align=8)
+    rows = {key: value.tolist() for key, value in mb.items()}
+    assert rows["input_ids"] == [[1, 2, 3, 4, 5, 7, 8, 9]]
+    assert rows["targets"] == [[2, 3, 4, 5, 6, 8, 9, 10]]
+    assert rows["position_ids"] == [[0, 1, 2, 3, 4, 0, 1, 2]]
+    assert rows["cu_seqlens"] == [0, 5, 8] and mb["cu_seqlens"].dtype == torch.int32
+    assert rows["seq_index"] == [[0, 0, 0, 0, 0, 1, 1, 1]]
+    assert rows["on_mask"] == [[0, 0, 1, 0, 1, 0, 0, 0]]  # b is out of the loss (rl.overlong=mask)
+    assert rows["off_mask"] == [[0, 0, 0, 1, 0, 0, 0, 0]]
+    assert rows["advantages"] == [[0, 0, 0.5, 0.5, 0.5, 0, -1, -1]]
+    assert rows["rollout_logprobs"] == [[0, 0, -1, 0, -3, 0, -4, -5]]
+    assert rows["guide_logprobs"] == [[0, 0, 0, -2, 0, 0, 0, 0]]
+    assert rows["tokens"] == 8
+    # a budget that rounds down to 8 still holds them; the rounding pads a 7-position pair to 8
+    (mb,) = to_micro_batches([a, Sample([7], [9, 10], [1.0] * 2, [False] * 2, [0.0] * 2)], 1, 0, 9, True, 8)
+    assert mb["cu_seqlens"].tolist() == [0, 5, 7, 8] and mb["seq_index"].tolist() == [[0] * 5 + [1, 1, 2]]
+    assert mb["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 9, 0]] and mb["tokens"].item() == 7
+    with pytest.raises(ValueError, match="token budget"):
+        to_micro_batches([a], 1, 0, None, thd=True)
