@@ -2,15 +2,17 @@
 random Llama built locally, and its model FLOP utilisation against a GEMM measured in this same run.
 
     .venv/bin/python tools/bench_train_step.py --preset demo               # examples/tiny_cpu.yaml's policy
+    .venv/bin/python tools/bench_train_step.py --preset demo --packing both  # padded against THD
     .venv/bin/python tools/bench_train_step.py --preset llama-41m
     python tools/bench_train_step.py --preset llama-1b --device cuda       # bf16 on a GPU
     python tools/bench_train_step.py --preset llama-1b --device cuda --precision both  # + TE FP8
 
 Model FLOPs per trained token: 6 N (N = the parameters of every matmul: attention, MLP, output layer)
 plus 12 L h s for attention scores and values (the PaLM count, no recomputation; s = the padded
-micro-batch length). The reference is a GEMM of the model's own shape (micro-batch tokens x hidden
-times hidden x FFN) in the training dtype (bf16 on CUDA, fp32 on CPU), best of 5: MFU here is the
-fraction of what this device does on a plain GEMM of that shape, not of a datasheet peak. FP8
+micro-batch length, or in the THD layout the token's own sequence length). The reference is a GEMM
+of the model's own shape (micro-batch tokens x hidden times hidden x FFN) in the training dtype (bf16
+on CUDA, fp32 on CPU), best of 5: MFU here is the fraction of what this device does on a plain GEMM
+of that shape, not of a datasheet peak. FP8
 (`--precision fp8|both`: Transformer Engine's FP8 Linears, delayed scaling) is measured against the
 same bf16 GEMM, so its MFU above 100% is its speed-up over bf16 matmuls.
 """
@@ -64,8 +66,9 @@ def _gemm_flops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device
     return 2 * m * k * n / best
 
 
-def _measure(args, p: dict, hf: dict, dtype: str, device: torch.device, fp8: bool) -> None:
-    """Build the preset's model (Transformer Engine FP8 Linears when `fp8`), time its update, print."""
+def _measure(args, p: dict, hf: dict, dtype: str, device: torch.device, fp8: bool, thd: bool) -> None:
+    """Build the preset's model (Transformer Engine FP8 Linears when `fp8`), time its update on
+    micro-batches in the padded or THD layout, print."""
     from scope_mega.config import FP8Config, ModelConfig, OptimConfig, ParallelConfig, RunConfig
     from scope_mega.models.gpt import build_gpt_model
     from scope_mega.plan import Arch
@@ -86,7 +89,8 @@ def _measure(args, p: dict, hf: dict, dtype: str, device: torch.device, fp8: boo
         response = [rng.randrange(3, p["vocab"]) for _ in range(n)]
         prompt = [rng.randrange(3, p["vocab"]) for _ in range(p["prompt"])]
         samples.append(Sample(prompt, response, [rng.uniform(-1, 1)] * n, [False] * n, [-1.0] * n))
-    micro = to_micro_batches(samples, 1, 0, args.max_tokens or p["budget"])
+    align = 16 if fp8 else 1  # the trainer's rounding of THD rows for FP8 GEMMs
+    micro = to_micro_batches(samples, 1, 0, args.max_tokens or p["budget"], thd=thd, align=align)
     loss = partial(rl_loss, RunConfig().loss)
     tokens = sum(int(b["tokens"]) for b in micro)
     slots = sum(b["input_ids"].numel() for b in micro)
@@ -105,14 +109,18 @@ def _measure(args, p: dict, hf: dict, dtype: str, device: torch.device, fp8: boo
 
     arch = Arch.from_hf(spec.hf_config)
     matmul_params = arch.layers * arch.layer_sharded() + arch.vocab * arch.hidden  # + the output layer
-    attention = sum(
-        12 * arch.layers * arch.hidden * b["input_ids"].shape[1] * int(b["tokens"]) for b in micro
+    # query x key positions: every row against its padded length, or every THD segment against itself
+    pairs = sum(
+        int((b["cu_seqlens"].diff() ** 2).sum()) if thd else b["input_ids"].shape[1] * int(b["tokens"])
+        for b in micro
     )
+    attention = 12 * arch.layers * arch.hidden * pairs
     flops = 6 * matmul_params * slots + attention  # padded slots are computed too
     longest = max(b["input_ids"].numel() for b in micro)
     gemm = _gemm_flops(longest, arch.hidden, arch.ffn, model.config.params_dtype, device)
     print(
-        f"{args.preset} on {device.type} ({dtype}{', TE FP8' if fp8 else ''}): {args.sequences} sequences, "
+        f"{args.preset} on {device.type} ({dtype}{', TE FP8' if fp8 else ''}, {'THD' if thd else 'padded'}): "
+        f"{args.sequences} sequences, "
         f"{tokens} tokens in "
         f"{len(micro)} micro-batches ({1 - tokens / slots:.1%} padding)"
     )
@@ -133,6 +141,10 @@ def main() -> None:
     parser.add_argument(
         "--precision", choices=["default", "fp8", "both"], default="default",
         help="default: bf16 on CUDA, fp32 on CPU; fp8: Transformer Engine FP8 (CUDA); both: each in turn",
+    )  # fmt: skip
+    parser.add_argument(
+        "--packing", choices=["padded", "thd", "both"], default="padded",
+        help="micro-batch layout (rl.packing): rows of similar lengths, or THD rows of sequences end to end",
     )  # fmt: skip
     args = parser.parse_args()
     if args.precision != "default" and args.device != "cuda":
@@ -157,7 +169,8 @@ def main() -> None:
         tie_word_embeddings=False,
     )
     for fp8 in {"default": [False], "fp8": [True], "both": [False, True]}[args.precision]:
-        _measure(args, p, hf, dtype, device, fp8)
+        for thd in {"padded": [False], "thd": [True], "both": [False, True]}[args.packing]:
+            _measure(args, p, hf, dtype, device, fp8, thd)
     destroy_distributed()
 
 
