@@ -2,11 +2,11 @@
 the same samples padded to the longest of all, on a tiny Megatron policy in one process (fp32).
 
 Padded-packed (rows of similar lengths) and THD (the samples end to end in one row, `cu_seqlens`
-keeping attention and RoPE within each, through the local core attention a segment at a time): every
-response token's logprob, the token- and sequence-mean losses, and one optimizer step's gradient norm
-and weights agree with the padded batches, with far less padding. The same THD rows without their
-boundaries (one segment: attention and positions run across the samples) are far off, which shows
-the comparison can fail."""
+keeping attention and RoPE within each, through the local core attention a segment at a time): the
+logits at every position of every sample, every response token's logprob, the token- and
+sequence-mean losses, and one optimizer step's gradient norm and weights agree with the padded
+batches, with far less padding. The same THD rows without their boundaries (one segment: attention
+and positions run across the samples) are far off, which shows the comparison can fail."""
 
 import json
 import random
@@ -30,7 +30,7 @@ def _worker(out: str, device: str = "cpu", dtype: str = "float32"):
     from scope_mega.config import RunConfig, from_dict
     from scope_mega.rl.packing import pack_by_token_budget
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
-    from scope_mega.train_step import evaluate_loss, store_logprobs, train_step
+    from scope_mega.train_step import evaluate_loss, pipeline_forward, store_logprobs, train_step
     from scope_mega.trainer import Sample, rl_loss, to_micro_batches
 
     dev = init_distributed(device=device, seed=2)
@@ -57,16 +57,20 @@ def _worker(out: str, device: str = "cpu", dtype: str = "float32"):
     }
     leaky = [dict(mb, cu_seqlens=mb["cu_seqlens"][[0, -1]]) for mb in layouts["thd"][0]]
 
-    def response_logprobs(micro, batches):
-        """Sample index -> its response tokens' logprobs, read from the rows or THD segments of `micro`,
-        whose micro-batches hold the samples `batches` (lists of indices, in order)."""
+    def per_sample(micro, batches, key, response_only=True):
+        """Sample index -> `key` on its response positions (or all of its positions), read from the
+        rows or THD segments of `micro`, whose micro-batches hold the samples `batches` in order."""
         result = {}
         for mb, idx in zip(micro, batches):
             starts = mb["cu_seqlens"].tolist() if "cu_seqlens" in mb else [0] * len(idx)
             for r, (i, start) in enumerate(zip(idx, starts)):
                 row, lo = (0, start) if "cu_seqlens" in mb else (r, 0)
-                lo += len(samples[i].prompt_ids) - 1
-                result[i] = mb["lp"][row, lo : lo + len(samples[i].response_ids)]
+                s = samples[i]
+                if response_only:
+                    lo, n = lo + len(s.prompt_ids) - 1, len(s.response_ids)
+                else:
+                    n = lengths[i]
+                result[i] = mb[key][row, lo : lo + n]
         return result
 
     state = build_state(dev, dtype)
@@ -74,12 +78,15 @@ def _worker(out: str, device: str = "cpu", dtype: str = "float32"):
         type(m).__name__ for m in state.model[0].modules() if type(m).__name__.endswith("DotProductAttention")
     }
     lp = {}
+    logits = {}
     for name, (micro, order) in layouts.items():
         store_logprobs(state.model, state.vocab_size, micro, "lp")
-        lp[name] = response_logprobs(micro, order)
+        lp[name] = per_sample(micro, order, "lp")
+        pipeline_forward(state.model, micro, lambda out, mb: mb.update(logits=out))
+        logits[name] = per_sample(micro, order, "logits", response_only=False)
     store_logprobs(state.model, state.vocab_size, leaky, "lp")
     thd_micro, thd_order = layouts["thd"]
-    lp["leaky"] = response_logprobs([dict(mb, lp=x["lp"]) for mb, x in zip(thd_micro, leaky)], thd_order)
+    lp["leaky"] = per_sample([dict(mb, lp=x["lp"]) for mb, x in zip(thd_micro, leaky)], thd_order, "lp")
     losses = {}
     for agg in ("token_mean", "seq_mean"):
         cfg = from_dict(RunConfig, {"loss": {"entropy_coef": 0.0, "aggregation": agg}})
@@ -106,6 +113,10 @@ def _worker(out: str, device: str = "cpu", dtype: str = "float32"):
     report = {
         "attention": sorted(attention),
         "max_diff": {name: max_diff(name) for name in ("packed", "thd", "leaky")},
+        "logits_max_diff": {
+            name: max((logits["padded"][i] - logits[name][i]).abs().max().item() for i in range(12))
+            for name in ("packed", "thd")
+        },
         "mean_diff": {name: mean_diff(name) for name in ("packed", "thd", "leaky")},
         "loss": losses,
         "grad_norm": {name: g for name, (g, _) in steps.items()},
@@ -126,6 +137,7 @@ def test_packed_micro_batches_give_the_padded_ones_results(tmp_path):
     print(json.dumps({k: v for k, v in r.items() if k != "shapes"}, indent=1))
     assert r["attention"] == ["PackedDotProductAttention"]
     assert r["max_diff"]["packed"] <= 1e-6 and r["max_diff"]["thd"] <= 1e-6
+    assert r["logits_max_diff"]["packed"] <= 1e-6 and r["logits_max_diff"]["thd"] <= 1e-6
     assert r["max_diff"]["leaky"] > 1e-2  # the check fails where sequences see each other
     for agg in ("token_mean", "seq_mean"):
         for name in ("packed", "thd"):
