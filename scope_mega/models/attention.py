@@ -15,6 +15,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 
 class PackedDotProductAttention(DotProductAttention):
+    """Megatron's local core attention, and THD input one `cu_seqlens` segment at a time."""
+
     def forward(
         self,
         query: torch.Tensor,
