@@ -55,13 +55,20 @@ def test_killed_and_resumed_run_matches_straight_run(tmp_path):
     subprocess.run(_cmd(straight), check=True, env=_env(), cwd=REPO, capture_output=True)
 
     resumed = tmp_path / "resumed"
+    # its own process group, killed whole as a node loss or a job kill would: SIGKILL to the trainer
+    # alone orphans the helper process Megatron's checkpoint writer starts (a multiprocessing Manager)
     proc = subprocess.Popen(
-        _cmd(resumed), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cmd(resumed),
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.time() + 300
     while max(_losses(resumed), default=0) < 5 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # no chance to clean up: only the atomic checkpoint survives
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: only the atomic checkpoint survives
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     ckpt = (resumed / "checkpoints" / "latest").read_text()
