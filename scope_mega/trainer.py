@@ -173,6 +173,16 @@ def _sample_tensors(s: Sample) -> Batch:
     the loss inputs are 0 on the prompt."""
     toks = torch.tensor(s.prompt_ids + s.response_ids)
     lo = len(s.prompt_ids) - 1  # the target position of the first response token
+    per_token = {
+        "advantages": s.advantages,
+        "off_policy": s.off_policy,
+        "rollout_logprobs": s.rollout_logprobs,
+    }
+    if s.guide_logprobs is not None:
+        per_token["guide_logprobs"] = s.guide_logprobs
+    for name, values in per_token.items():
+        if len(values) != len(s.response_ids):
+            raise ValueError(f"a sample has {len(values)} {name} for {len(s.response_ids)} response tokens")
     offp = torch.tensor(s.off_policy, dtype=torch.bool)
     out = {"input_ids": toks[:-1], "targets": toks[1:]}
     response = {
@@ -762,8 +772,8 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
             cfg.rl.micro_batch_size,
             pad,
             cfg.rl.max_tokens_per_micro_batch,
-            thd,
-            align,
+            thd=thd,
+            align=align,
         )
         timings: dict[str, float] = {}
         with timed(timings, "offload"):

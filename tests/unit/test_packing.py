@@ -95,3 +95,7 @@ def test_thd_micro_batch_by_hand():
     assert mb["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 9, 0]] and mb["tokens"].item() == 7
     with pytest.raises(ValueError, match="token budget"):
         to_micro_batches([a], 1, 0, None, thd=True)
+    bad = Sample([1, 2], [3, 4], [0.5], [False, False], [0.0, 0.0])  # one advantage for two tokens
+    for thd in (False, True):
+        with pytest.raises(ValueError, match="a sample has 1 advantages for 2 response tokens"):
+            to_micro_batches([bad], 1, 0, 16, thd=thd)
