@@ -149,7 +149,7 @@ class HFEngine:
         """The parameters, detached, when the engine runs on CPU, for a weight sync to fill in place and
         then pass to `update_weights` (which checks them and copies nothing): the engine owns this
         memory and does not read it while a sync runs. Empty on a GPU engine (each tensor is copied
-        to the device instead). See `streaming.Destination`."""
+        to the device instead). See `stream_shm.Destination`."""
         if self.device.type != "cpu":
             return {}
         return {name: p.detach() for name, p in self.model.named_parameters()}

@@ -1,6 +1,6 @@
 """Per-step weight sync: the trainer's Megatron weights -> a rollout engine, as HF-named full tensors.
 
-The names, layouts and TP merging come from the ONE mapping (`scope_mega.weights.streaming.
+The names, layouts and TP merging come from the ONE mapping (`scope_mega.weights.stream_shm.
 gather_hf_weights`); this module only checks the stream against the engine's model, groups it into
 bounded buckets where an engine wants them, and drives the collective export on every rank.
 """
@@ -95,16 +95,17 @@ def sync_weights(
 
     - `every_rank=False` (the transformers engine): only model-parallel rank 0 (TP and PP rank 0)
       receives the weights, so the engine must be there, and other ranks pass None. The export is
-      `streaming.gather_hf_weights`: on CPU, through shared memory and, for an engine that is a
-      `streaming.Destination`, straight into its weights.
+      `stream_shm.gather_hf_weights`: on CPU, through shared memory and, for an engine that is a
+      `stream_shm.Destination`, straight into its weights.
     - `every_rank=True` (vLLM, a worker on every rank that takes its own TP shard): every rank
-      receives every full tensor (`streaming.iter_hf_weights`), one bucket in flight.
+      receives every full tensor (`stream_collective.iter_hf_weights`), one bucket in flight.
 
     If the engine rejects the stream, the rest of the export is still run so the other ranks are not
     left waiting, then the error is raised."""
     from megatron.core import parallel_state
 
-    from scope_mega.weights.streaming import Destination, gather_hf_weights, iter_hf_weights
+    from scope_mega.weights.stream_collective import iter_hf_weights
+    from scope_mega.weights.stream_shm import Destination, gather_hf_weights
 
     if every_rank:
         stream = _released(iter_hf_weights(model, spec, bucket_bytes))

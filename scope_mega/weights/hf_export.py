@@ -1,10 +1,10 @@
 """A running Megatron model -> an HF model directory, through the live weight export.
 
 What `megatron_to_hf.export_hf_checkpoint` writes for a checkpoint on disk, written from the model in
-memory: the HF-named tensors come from `streaming.gather_hf_weights` (the one mapping, the weight
+memory: the HF-named tensors come from `stream_shm.gather_hf_weights` (the one mapping, the weight
 sync's transport, one bucket in memory at a time), and `files.SafetensorsShardWriter` streams them into
-shards laid out from `streaming.stream_plan` before the first tensor arrives. The directory is written
-beside its final name and renamed into place only when complete.
+shards laid out from `stream_collective.stream_plan` before the first tensor arrives. The directory is
+written beside its final name and renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from scope_mega.weights import files
 from scope_mega.weights.megatron_to_hf import DEFAULT_MAX_SHARD_BYTES, hf_dtype, write_hf_config
-from scope_mega.weights.streaming import gather_hf_weights, stream_plan
+from scope_mega.weights.stream_collective import stream_plan
+from scope_mega.weights.stream_shm import gather_hf_weights
 
 
 def save_hf_model(

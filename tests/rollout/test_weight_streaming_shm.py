@@ -87,7 +87,8 @@ def _layout(tp: int, pp: int, seed: int, hf_dict: dict) -> None:
     from scope_mega.rollout.weight_sync import hf_parameter_shapes
     from scope_mega.runtime import shm
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
-    from scope_mega.weights.streaming import gather_hf_weights, iter_hf_weights, release_shared_memory
+    from scope_mega.weights.stream_collective import iter_hf_weights
+    from scope_mega.weights.stream_shm import gather_hf_weights, release_shared_memory
 
     dev = init_distributed(tp=tp, pp=pp, device="cpu", seed=seed)
     model, spec = build_gpt_model(ModelConfig(hf_config=dict(hf_dict)), ParallelConfig(tp=tp, pp=pp), dev)
@@ -150,7 +151,7 @@ def _worker():
     import torch.distributed as dist
 
     from scope_mega.runtime.distributed import destroy_distributed
-    from scope_mega.weights.streaming import release_shared_memory
+    from scope_mega.weights.stream_shm import release_shared_memory
 
     for tp, pp in LAYOUTS:
         for i, hf_dict in enumerate(CONFIGS):

@@ -42,7 +42,7 @@ def _worker():
     from scope_mega.rollout.hf_engine import HFEngine
     from scope_mega.rollout.weight_sync import hf_parameter_shapes
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
-    from scope_mega.weights.streaming import iter_hf_weights
+    from scope_mega.weights.stream_collective import iter_hf_weights
 
     for i, hf_dict in enumerate(CONFIGS):
         dev = init_distributed(tp=2, device="cpu", seed=100 + i)

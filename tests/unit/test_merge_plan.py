@@ -8,7 +8,7 @@ import torch
 from scope_mega.models.arch import load_hf_config
 from scope_mega.rollout.weight_sync import hf_parameter_shapes
 from scope_mega.weights.mapping import Dims, bindings, to_hf, to_megatron, tp_merge
-from scope_mega.weights.streaming import copy_blocks, merge_plan
+from scope_mega.weights.stream_shm import copy_blocks, merge_plan
 
 SIZES = dict(
     hidden_size=32,

@@ -50,7 +50,7 @@ def _stage_logits(model, tokens):
 
 
 def _stream_report(model, spec, hf_dir: Path) -> dict:
-    from scope_mega.weights.streaming import iter_hf_weights
+    from scope_mega.weights.stream_collective import iter_hf_weights
 
     ref = load_file(hf_dir / "model.safetensors")
     got, oversized, buckets = {}, 0, 0

@@ -1,21 +1,20 @@
-"""Live export: full HF-named tensors from a running TP/PP-sharded Megatron model, in bounded buckets,
-for a rollout engine's `update_weights(named_tensors)` after every RL step.
+"""Live export to model-parallel rank 0 only (`gather_hf_weights`), where the rollout engine lives,
+through same-host shared memory where it can: full HF-named tensors from a running TP/PP-sharded
+Megatron model, in bounded buckets, for the engine's `update_weights(named_tensors)` after every RL step.
 
-Two entry points, one mapping (`mapping.tp_merge` then `mapping.to_hf`):
-
-- `iter_hf_weights`: every rank gets every tensor (all_gather over TP, broadcast over PP).
-- `gather_hf_weights`: only model-parallel rank 0, where the rollout engine lives, gets them. On CPU,
-  when the TP ranks share a host, shards travel through shared memory (`runtime.shm`) instead of gloo,
-  and the merge is fused with that copy: each block of a shard is copied once, straight to its place
-  in the HF tensor -- which, for an engine that lets the export write its weights in place
-  (`Destination`), is the engine's own weight, written by every TP rank in parallel. The block copies
-  are derived from `tp_merge` + `to_hf` themselves (`merge_plan`): no layout rule is written twice.
+On CPU, when the TP ranks share a host, shards travel through shared memory (`runtime.shm`) instead of
+gloo, and the merge is fused with that copy: each block of a shard is copied once, straight to its
+place in the HF tensor -- which, for an engine that lets the export write its weights in place
+(`Destination`), is the engine's own weight, written by every TP rank in parallel. The block copies
+are derived from `mapping.tp_merge` + `mapping.to_hf` themselves (`merge_plan`): no layout rule is
+written twice. Other pipeline stages send their buckets to stage 0 point to point. Anywhere else
+(CUDA/NCCL, TP ranks on several hosts) the export is `stream_collective.iter_hf_weights`, kept on
+rank 0.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -24,50 +23,21 @@ import torch
 import torch.distributed as dist
 
 from scope_mega.runtime.shm import SharedRegions, regions_for
-from scope_mega.weights.mapping import Binding, Dims, Rule, bind_parameters, to_hf, tp_merge
+from scope_mega.weights.mapping import Binding, Dims, Rule, to_hf, tp_merge
+from scope_mega.weights.stream_collective import (
+    Bucket,
+    Bucketer,
+    exported_parameters,
+    iter_hf_weights,
+    recv_buckets,
+    send_buckets,
+)
 
-Bucket = list[tuple[str, torch.Tensor]]
 Transport = Literal["auto", "group"]
-Layout = dict[str, tuple[int, torch.dtype, torch.Size]]  # HF name -> (byte offset, dtype, shape)
+ArenaLayout = dict[str, tuple[int, torch.dtype, torch.Size]]  # HF name -> (byte offset, dtype, shape)
 ALIGN = 64  # byte alignment of each block in a shared-memory slot
-
-
-def iter_hf_weights(model, spec, bucket_bytes: int = 1 << 30) -> Iterator[Bucket]:
-    """Yield `[(hf_name, full_tensor), ...]` buckets of about `bucket_bytes` (a larger tensor gets a
-    bucket of its own) covering the whole model once, in HF order.
-
-    `model` is this rank's stage (a module, possibly DDP-wrapped, or a list of chunks) and `spec` its
-    `ModelSpec`. Collective over the model-parallel groups, so every rank must run the iterator to
-    the end: TP shards are all-gathered over the TP group and merged (`mapping.tp_merge`), then each
-    pipeline stage in turn broadcasts its buckets over the PP group, so every rank yields the same
-    buckets. Vocab padding is trimmed; the tied output layer is not sent (it is the embedding).
-    With TP=1, tensors that need no transform alias live parameters: copy them before the next
-    optimizer step.
-    """
-    from megatron.core import parallel_state
-
-    local, dims = _exported(model, spec)
-    mine = _stage_buckets(local, dims, bucket_bytes)
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        yield from mine
-        return
-    group = parallel_state.get_pipeline_model_parallel_group()
-    me = parallel_state.get_pipeline_model_parallel_rank()
-    for stage, src in enumerate(dist.get_process_group_ranks(group)):
-        yield from _broadcast_buckets(mine if stage == me else None, src, group, local[0][1].device)
-
-
-@runtime_checkable
-class Destination(Protocol):
-    """Where model-parallel rank 0's tensors go, when they can be written in place (a rollout engine
-    with its weights in CPU memory). `writable_weights()`: HF name -> the tensor that holds that
-    weight now, the destination's own memory, never the trainer's (empty when there is none in CPU
-    memory). `adopt_weights(tensors)`: copy the current values into `tensors` and hold the weights
-    there from then on."""
-
-    def writable_weights(self) -> Mapping[str, torch.Tensor]: ...
-
-    def adopt_weights(self, tensors: Mapping[str, torch.Tensor]) -> None: ...
+_ARENAS: dict[tuple[int, ...], _Arena] = {}  # TP group's ranks -> its arena
+_NO_ARENA, _NEW_ARENA = -2, -1
 
 
 def gather_hf_weights(
@@ -100,7 +70,7 @@ def gather_hf_weights(
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    local, dims = _exported(model, spec)
+    local, dims = exported_parameters(model, spec)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     dest = dest if pp_rank == 0 and tp_rank == 0 else None
     shared = transport == "auto" and local[0][1].device.type == "cpu"
@@ -128,32 +98,9 @@ def gather_hf_weights(
         yield from mine
         into = dest.writable_weights() if dest is not None else None
         for src in stage_ranks[1:]:
-            yield from _recv_buckets(src, group, into)
+            yield from recv_buckets(src, group, into)
     else:
-        _send_buckets(mine, stage_ranks[0], group)
-
-
-def stream_plan(model, spec) -> list[tuple[str, tuple[int, ...]]]:
-    """Name and shape of every tensor the exports above yield, in their order, from the stages'
-    parameters alone (the transforms run on meta tensors), so a writer can lay out its files before
-    the first tensor arrives. Collective over the PP group; every rank gets the whole list."""
-    from megatron.core import parallel_state
-
-    local, dims = _exported(model, spec)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    mine = []
-    for binding, param in local:
-        shape = list(param.shape)
-        if binding.rule.tp_dim is not None:
-            shape[binding.rule.tp_dim] *= tp  # every TP merge concatenates along tp_dim
-        for name, t in zip(binding.hf, to_hf(binding.rule, torch.empty(shape, device="meta"), dims)):
-            mine.append((name, tuple(t.shape)))
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return mine
-    group = parallel_state.get_pipeline_model_parallel_group()
-    stages: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(stages, mine, group=group)
-    return [item for stage in stages for item in stage]
+        send_buckets(mine, stage_ranks[0], group)
 
 
 def release_shared_memory() -> None:
@@ -167,134 +114,8 @@ def release_shared_memory() -> None:
     _ARENAS.clear()
 
 
-def _exported(model, spec) -> tuple[list[tuple[Binding, torch.Tensor]], Dims]:
-    """This stage's exported parameters with their bindings, in HF order, and the transforms' sizes."""
-    hf = spec.hf_config
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    local = [(b, p) for chunk in chunks for b, _, p in bind_parameters(chunk, hf) if b.rule.export]
-    return local, Dims.of(hf)
-
-
-def _stage_buckets(
-    local: list[tuple[Binding, torch.Tensor]], dims: Dims, bucket_bytes: int
-) -> Iterator[Bucket]:
-    """This stage's tensors, TP-gathered and mapped to HF, in buckets."""
-    from megatron.core import parallel_state
-
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    bucket = _Bucketer(bucket_bytes)
-    for binding, param in local:
-        shard = param.detach()
-        if binding.rule.tp_dim is not None and tp_size > 1:
-            shards = [torch.empty_like(shard) for _ in range(tp_size)]
-            dist.all_gather(shards, shard.contiguous(), group=tp_group)
-            full = tp_merge(binding.rule, shards)
-        else:
-            full = shard
-        for name, tensor in zip(binding.hf, to_hf(binding.rule, full, dims)):
-            yield from bucket.add(name, tensor.contiguous())
-    yield from bucket.flush()
-
-
-class _Bucketer:
-    """Groups named tensors into buckets of at most `limit` bytes (a larger tensor comes alone)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.bucket: Bucket = []
-        self.size = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> Iterator[Bucket]:
-        nbytes = tensor.numel() * tensor.element_size()
-        yield from self.make_room(nbytes)
-        self.bucket.append((name, tensor))
-        self.size += nbytes
-
-    def make_room(self, nbytes: int) -> Iterator[Bucket]:
-        """Hand out the bucket if `nbytes` more would overflow it (before allocating them, so that
-        the two are never held together)."""
-        if self.bucket and self.size + nbytes > self.limit:
-            yield from self.flush()
-
-    def flush(self) -> Iterator[Bucket]:
-        if self.bucket:
-            yield self.bucket
-        self.bucket, self.size = [], 0
-
-
-def _broadcast_buckets(mine: Iterator[Bucket] | None, src: int, group, device) -> Iterator[Bucket]:
-    """Buckets of the stage whose rank in this PP group is `src`: it sends names, shapes and dtypes,
-    then the tensors; an empty header ends the stage."""
-    while True:
-        bucket = next(mine, None) if mine is not None else None
-        header = [None if bucket is None else [(n, t.shape, t.dtype) for n, t in bucket]]
-        dist.broadcast_object_list(header, src=src, group=group)
-        if header[0] is None:
-            return
-        if bucket is None:
-            bucket = [(n, torch.empty(shape, dtype=dtype, device=device)) for n, shape, dtype in header[0]]
-        for _, tensor in bucket:
-            dist.broadcast(tensor, src=src, group=group)
-        yield bucket
-
-
-def _send_buckets(mine: Iterator[Bucket], dst: int, group) -> None:
-    """Send this stage's buckets to global rank `dst` (header, then tensors; an empty header ends)."""
-    for bucket in itertools.chain(mine, [None]):
-        header = [None if bucket is None else [(n, t.shape, t.dtype) for n, t in bucket]]
-        dist.send_object_list(header, dst=dst, group=group)
-        if bucket is None:
-            return
-        for _, tensor in bucket:
-            dist.send(tensor.contiguous(), dst=dst, group=group)
-
-
-def _recv_buckets(src: int, group, into: Mapping[str, torch.Tensor] | None) -> Iterator[Bucket]:
-    """The buckets `_send_buckets` sends from global rank `src`, received straight into matching
-    contiguous `into` tensors of the same dtype where there are such."""
-    while True:
-        header = [None]
-        dist.recv_object_list(header, src=src, group=group)
-        if header[0] is None:
-            return
-        bucket = []
-        for name, shape, dtype in header[0]:
-            dest = into.get(name) if into else None
-            usable = dest is not None and dest.shape == shape and dest.dtype == dtype
-            if not (usable and dest.is_contiguous() and dest.device.type == "cpu"):
-                dest = torch.empty(shape, dtype=dtype)
-            dist.recv(dest, src=src, group=group)
-            bucket.append((name, dest))
-        yield bucket
-
-
-# ----------------------------------------------------------------------------- fused shared-memory path
-
-
-@dataclass(frozen=True)
-class Block:
-    """Rows (columns when `Plan.axis` is 1) `[src, src + length)` of TP rank `rank`'s shard are rows
-    (columns) `[dst, dst + length)` of the binding's HF tensor number `out`."""
-
-    out: int
-    rank: int
-    src: int
-    dst: int
-    length: int
-
-
-@dataclass(frozen=True)
-class Plan:
-    """`to_hf(rule, tp_merge(rule, shards), dims)` as block copies: HF shapes, and where shard blocks go."""
-
-    shapes: tuple[torch.Size, ...]
-    blocks: tuple[Block, ...]
-    axis: int
-
-
 @functools.lru_cache(maxsize=4096)
-def merge_plan(rule: Rule, shard_shape: tuple[int, ...], tp_size: int, dims: Dims) -> Plan:
+def merge_plan(rule: Rule, shard_shape: tuple[int, ...], tp_size: int, dims: Dims) -> MergePlan:
     """The fused equivalent of `tp_merge` then `to_hf` for shards of `shard_shape` (one shard, rank 0's,
     for a replicated rule). Derived by running those very functions on shards that hold (rank, row)
     codes -- (rank, column) codes for `tp_dim` 1 -- so it follows the mapping and adds no layout rule;
@@ -318,11 +139,11 @@ def merge_plan(rule: Rule, shard_shape: tuple[int, ...], tp_size: int, dims: Dim
         starts = [*cut.nonzero().flatten().tolist(), len(c)]
         for a, b in zip(starts, starts[1:]):
             rank, src = divmod(int(c[a]), n)
-            blocks.append(Block(k, rank, src, a, b - a))
-    return Plan(shapes, tuple(blocks), axis)
+            blocks.append(MergeBlock(k, rank, src, a, b - a))
+    return MergePlan(shapes, tuple(blocks), axis)
 
 
-def copy_blocks(plan: Plan, outs: list[torch.Tensor], rank: int, rows: torch.Tensor, first: int) -> None:
+def copy_blocks(plan: MergePlan, outs: list[torch.Tensor], rank: int, rows: torch.Tensor, first: int) -> None:
     """Copy `rows` -- rows `[first, first + len(rows))` of TP rank `rank`'s shard -- into the HF tensors
     `outs`, as `plan` places them."""
     last = first + rows.shape[0]
@@ -404,7 +225,7 @@ def _fused_stage(
             by_binding.setdefault(i, []).append((k, first, last, offset))
     peers = range(1, tp_size)
     opened = -1
-    bucket = _Bucketer(bucket_bytes)
+    bucket = Bucketer(bucket_bytes)
     for i, (binding, param) in enumerate(local):
         shard = param.detach()
         plan = merge_plan(binding.rule, tuple(shard.shape), tp_size, dims)
@@ -440,34 +261,6 @@ def _expect(regions: SharedRegions, sender: int, value: int) -> None:
     got = regions.wait(sender)
     if got != value:
         raise RuntimeError(f"weight export: TP rank {sender} signalled {got:#x}, expected {value:#x}")
-
-
-@dataclass
-class _Arena:
-    """TP rank 0's destination weights in a shared region every TP rank maps: HF name -> (byte
-    offset, dtype, shape), contiguous."""
-
-    regions: SharedRegions
-    layout: Layout
-
-    def tensor(self, name: str) -> torch.Tensor:
-        offset, dtype, shape = self.layout[name]
-        nbytes = shape.numel() * dtype.itemsize
-        return self.regions.views[0][offset : offset + nbytes].view(dtype).view(shape)
-
-    def holds(self, name: str, tensor: torch.Tensor) -> bool:
-        """`tensor` is exactly this arena's tensor `name` (where an adopting destination keeps it)."""
-        offset, dtype, shape = self.layout[name]
-        return (
-            tensor.data_ptr() == self.regions.views[0].data_ptr() + offset
-            and tensor.dtype == dtype
-            and tensor.shape == shape
-            and tensor.is_contiguous()
-        )
-
-
-_ARENAS: dict[tuple[int, ...], _Arena] = {}
-_NO_ARENA, _NEW_ARENA = -2, -1
 
 
 def _arena(local, dims: Dims, group, dest: Destination | None) -> _Arena | None:
@@ -524,7 +317,7 @@ def _stage_shapes(local, dims: Dims, tp_size: int) -> list[tuple[str, torch.Size
     return out
 
 
-def _layout(tensors: list[tuple[str, torch.Size, torch.dtype]]) -> Layout:
+def _layout(tensors: list[tuple[str, torch.Size, torch.dtype]]) -> ArenaLayout:
     """Consecutive aligned offsets for `tensors`."""
     layout, offset = {}, 0
     for name, shape, dtype in tensors:
@@ -557,7 +350,7 @@ def _arena_stage(
         return
     for rank in range(1, tp_size):
         _expect(arena.regions, rank, call)  # every peer's shards are in place
-    bucket = _Bucketer(bucket_bytes)
+    bucket = Bucketer(bucket_bytes)
     for binding, _ in local:
         for name in binding.hf:
             yield from bucket.add(name, arena.tensor(name))
@@ -608,3 +401,61 @@ def _row_bytes(tensor: torch.Tensor) -> int:
 
 def _align(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
+
+
+@runtime_checkable
+class Destination(Protocol):
+    """Where model-parallel rank 0's tensors go, when they can be written in place (a rollout engine
+    with its weights in CPU memory). `writable_weights()`: HF name -> the tensor that holds that
+    weight now, the destination's own memory, never the trainer's (empty when there is none in CPU
+    memory). `adopt_weights(tensors)`: copy the current values into `tensors` and hold the weights
+    there from then on."""
+
+    def writable_weights(self) -> Mapping[str, torch.Tensor]: ...
+
+    def adopt_weights(self, tensors: Mapping[str, torch.Tensor]) -> None: ...
+
+
+@dataclass(frozen=True)
+class MergeBlock:
+    """Rows (columns when `MergePlan.axis` is 1) `[src, src + length)` of TP rank `rank`'s shard are rows
+    (columns) `[dst, dst + length)` of the binding's HF tensor number `out`."""
+
+    out: int
+    rank: int
+    src: int
+    dst: int
+    length: int
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """`to_hf(rule, tp_merge(rule, shards), dims)` as block copies: HF shapes, and where shard blocks go."""
+
+    shapes: tuple[torch.Size, ...]
+    blocks: tuple[MergeBlock, ...]
+    axis: int
+
+
+@dataclass
+class _Arena:
+    """TP rank 0's destination weights in a shared region every TP rank maps: HF name -> (byte
+    offset, dtype, shape), contiguous."""
+
+    regions: SharedRegions
+    layout: ArenaLayout
+
+    def tensor(self, name: str) -> torch.Tensor:
+        offset, dtype, shape = self.layout[name]
+        nbytes = shape.numel() * dtype.itemsize
+        return self.regions.views[0][offset : offset + nbytes].view(dtype).view(shape)
+
+    def holds(self, name: str, tensor: torch.Tensor) -> bool:
+        """`tensor` is exactly this arena's tensor `name` (where an adopting destination keeps it)."""
+        offset, dtype, shape = self.layout[name]
+        return (
+            tensor.data_ptr() == self.regions.views[0].data_ptr() + offset
+            and tensor.dtype == dtype
+            and tensor.shape == shape
+            and tensor.is_contiguous()
+        )
