@@ -1,12 +1,12 @@
 """Atomic, resumable checkpoints: Megatron `dist_checkpointing` for model and optimizer, plus trainer state.
 
-Layout of `<run_dir>/checkpoints/`:
+A checkpoint is one step folder of a checkpoint root (`run_dir` holds the layout: folder names, the
+`latest` marker, which checkpoint a path means):
     step_00000010/
         model/               dist checkpoint of the GPTModel's sharded_state_dict (loads at any TP/PP)
         optim/               dist checkpoint of the optimizer state (same parallel layout to resume)
         trainer_state.json   step, data position, LR schedule, resolved config, parallel layout
         rng/rank_00000.pt    per-rank RNG states (python, numpy, torch, CUDA, Megatron tracker)
-    latest                   name of the newest complete checkpoint, replaced last
 
 Every checkpoint is written into `step_XXXXXXXX.tmp` and renamed into place only after all ranks have
 finished; `latest` is then replaced through a temp file + rename. A crash at any point leaves the
@@ -28,17 +28,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from scope_mega.config import ConfigError, RunConfig
+from scope_mega.config import RunConfig
+from scope_mega.run_dir import (
+    HF_EXPORT,
+    HF_EXPORT_STEPS,
+    IN_PROGRESS,
+    LATEST,
+    TRAINER_STATE,
+    step_dirs,
+    step_name,
+)
 from scope_mega.train_step import TrainState
 
 if TYPE_CHECKING:
     from scope_mega.tasks import Task
-
-LATEST = "latest"
-SFT_CHECKPOINTS = "checkpoints"  # <run_dir>/checkpoints: the SFT warm-start's checkpoints
-RL_CHECKPOINTS = "checkpoints_rl"  # <run_dir>/checkpoints_rl: the RL policy's checkpoints
-HF_EXPORT = "hf"  # <run_dir>/hf: the policy at the end of RL, as an HF model directory
-HF_EXPORT_STEPS = "hf_steps"  # <run_dir>/hf_steps/step_XXXXXXXX: periodic HF exports
 
 
 @dataclass
@@ -112,8 +115,8 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing, parallel_state
 
     root = Path(ckpt_root)
-    name = f"step_{trainer.step:08d}"
-    final, tmp = root / name, root / f"{name}.tmp"
+    name = step_name(trainer.step)
+    final, tmp = root / name, root / (name + IN_PROGRESS)
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
@@ -140,7 +143,7 @@ def save_checkpoint(
             "pp": parallel_state.get_pipeline_model_parallel_world_size(),
             "config": config,
         }
-        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / TRAINER_STATE).write_text(json.dumps(meta, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -153,32 +156,11 @@ def save_checkpoint(
 def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    done = step_dirs(root)
     latest = (root / LATEST).read_text().strip()
     for old in done[:-keep_last]:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The complete checkpoint `latest` points to, or None when there is none yet."""
-    marker = Path(ckpt_root) / LATEST
-    if not marker.is_file():
-        return None
-    path = marker.parent / marker.read_text().strip()
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"{marker} points to {path}, which is not a complete checkpoint")
-    return path
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory a user names: a step directory (model/ inside) as it is, a checkpoint
-    root (a `latest` marker inside) or the `latest` marker file itself as the checkpoint it points to."""
-    path = Path(path)
-    root = path.parent if path.name == LATEST and path.is_file() else path
-    if not (root / "model").is_dir() and (root / LATEST).is_file():
-        return latest_checkpoint(root)
-    return root
 
 
 def hf_export_dir(cfg: RunConfig, step: int, final: bool) -> Path | None:
@@ -190,7 +172,7 @@ def hf_export_dir(cfg: RunConfig, step: int, final: bool) -> Path | None:
     if final:
         return Path(cfg.run_dir) / HF_EXPORT
     if isinstance(every, int) and step % every == 0 and step < cfg.rl.steps:
-        return Path(cfg.run_dir) / HF_EXPORT_STEPS / f"step_{step:08d}"
+        return Path(cfg.run_dir) / HF_EXPORT_STEPS / step_name(step)
     return None
 
 
@@ -227,11 +209,6 @@ def write_generation_files(cfg: RunConfig, hf_config, task: Task, folder: Path) 
     ).save_pretrained(folder)
 
 
-def has_checkpoint(ckpt_root: str | Path, step: int) -> bool:
-    """Whether the complete checkpoint of `step` exists (so a final save can be skipped)."""
-    return (Path(ckpt_root) / f"step_{step:08d}" / "trainer_state.json").is_file()
-
-
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Load model weights from `<path>/model` into this rank's stage, whatever TP/PP saved them."""
     from megatron.core import dist_checkpointing
@@ -249,7 +226,7 @@ def load_checkpoint(path: str | Path, state: TrainState) -> TrainerState:
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    meta = json.loads((path / "trainer_state.json").read_text())
+    meta = json.loads((path / TRAINER_STATE).read_text())
     world = dist.get_world_size() if dist.is_initialized() else 1
     load_model_weights(path, state.model[0])
     model_sd = _unwrap(state.model[0]).sharded_state_dict()

@@ -17,6 +17,7 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from scope_mega.models import arch
+from scope_mega.run_dir import TRAINER_STATE, resolve_checkpoint
 from scope_mega.weights import files
 from scope_mega.weights.mapping import (
     Binding,
@@ -43,8 +44,8 @@ def resolve_hf_source(
         folder = Path(hf_config)
     elif (src / "hf" / "config.json").is_file():
         folder = src / "hf"
-    elif (src / "trainer_state.json").is_file():
-        source = json.loads((src / "trainer_state.json").read_text())["config"]["model"]["hf_config"]
+    elif (src / TRAINER_STATE).is_file():
+        source = json.loads((src / TRAINER_STATE).read_text())["config"]["model"]["hf_config"]
         if isinstance(source, dict):
             return arch.load_hf_config(source), None
         folder = Path(source)
@@ -85,9 +86,10 @@ def export_hf_checkpoint(
 ) -> Path:
     """Write `out` as an HF checkpoint (sharded safetensors + index, config, tokenizer files).
     `megatron_dir` is a checkpoint directory, or a checkpoint root or `latest` marker naming one."""
-    from scope_mega.checkpointing import resolve_checkpoint
-
-    src = resolve_checkpoint(megatron_dir)
+    try:
+        src = resolve_checkpoint(megatron_dir)
+    except FileNotFoundError as e:  # a `latest` marker naming an incomplete checkpoint
+        raise ConversionError(str(e)) from None
     if not (src / "model").is_dir():
         raise ConversionError(
             f"{src} is not a Megatron checkpoint directory (no model/ inside, and no `latest` marker)"
