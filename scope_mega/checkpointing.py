@@ -20,28 +20,15 @@ import os
 import random
 import shutil
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from scope_mega.config import RunConfig
-from scope_mega.run_dir import (
-    HF_EXPORT,
-    HF_EXPORT_STEPS,
-    IN_PROGRESS,
-    LATEST,
-    TRAINER_STATE,
-    step_dirs,
-    step_name,
-)
+from scope_mega.run_dir import IN_PROGRESS, LATEST, TRAINER_STATE, step_dirs, step_name
 from scope_mega.train_step import TrainState
-
-if TYPE_CHECKING:
-    from scope_mega.tasks import Task
 
 
 @dataclass
@@ -161,52 +148,6 @@ def _prune(root: Path, keep_last: int) -> None:
     for old in done[:-keep_last]:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def hf_export_dir(cfg: RunConfig, step: int, final: bool) -> Path | None:
-    """Where `checkpoint.export_hf` puts the policy after RL step `step` (None: no export then):
-    `<run_dir>/hf` at the end of training, `<run_dir>/hf_steps/step_XXXXXXXX` every N steps before it."""
-    every = cfg.checkpoint.export_hf
-    if every == "off":
-        return None
-    if final:
-        return Path(cfg.run_dir) / HF_EXPORT
-    if isinstance(every, int) and step % every == 0 and step < cfg.rl.steps:
-        return Path(cfg.run_dir) / HF_EXPORT_STEPS / step_name(step)
-    return None
-
-
-def export_hf(cfg: RunConfig, model, spec, task: Task, step: int, final: bool = False) -> Path | None:
-    """Write the policy as an HF model directory where `hf_export_dir` says, if it says so: weights
-    streamed from the live model (`weights.hf_export`, one weight-sync bucket in memory), config, the
-    task's tokenizer and a generation config with the rollout settings. Called by every rank after
-    each step (`final`: after training); the first data-parallel replica exports, its model-parallel
-    rank 0 writes. Returns the directory on the rank that wrote it."""
-    from megatron.core import parallel_state
-
-    out = hf_export_dir(cfg, step, final)
-    if out is None or parallel_state.get_data_parallel_rank() != 0:
-        return None
-    from scope_mega.weights.hf_export import save_hf_model
-
-    bucket = cfg.rollout.sync_bucket_mb << 20
-    return save_hf_model(model, spec, out, bucket, partial(write_generation_files, cfg, spec.hf_config, task))
-
-
-def write_generation_files(cfg: RunConfig, hf_config, task: Task, folder: Path) -> None:
-    """The tokenizer the policy was trained with and a generation config that samples as the rollouts did."""
-    import transformers
-
-    task.tokenizer.save(folder)
-    ro = cfg.rollout
-    sampling = dict(do_sample=True, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k)
-    transformers.GenerationConfig(
-        bos_token_id=getattr(hf_config, "bos_token_id", None),
-        eos_token_id=list(task.stop_token_ids),
-        pad_token_id=task.tokenizer.pad_id,
-        max_new_tokens=ro.max_new_tokens,
-        **(sampling if ro.temperature > 0 else dict(do_sample=False)),
-    ).save_pretrained(folder)
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:

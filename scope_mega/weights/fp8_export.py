@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from scope_mega.checkpointing import write_generation_files
 from scope_mega.config import RunConfig, from_dict
 from scope_mega.run_dir import LATEST, RL_CHECKPOINTS, SFT_CHECKPOINTS, resolve_checkpoint
 from scope_mega.weights import files
+from scope_mega.weights.hf_export import write_generation_files
 from scope_mega.weights.mapping import Binding, ConversionError, Dims, bindings, is_prm, iter_layers, to_hf
 from scope_mega.weights.megatron_ckpt import MegatronCheckpoint
 from scope_mega.weights.megatron_to_hf import (

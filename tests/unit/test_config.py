@@ -199,7 +199,7 @@ def test_every_numeric_option_declares_its_range():
     ],
 )
 def test_export_hf_says_where_and_when(value, exports):
-    from scope_mega.checkpointing import hf_export_dir
+    from scope_mega.weights.hf_export import hf_export_dir
 
     cfg = load_config(TINY, [f"checkpoint.export_hf={value}", "rl.steps=7", "run_dir=R"])
     got = {}
