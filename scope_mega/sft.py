@@ -8,57 +8,24 @@ a problem is drawn, so the model sees many solution paths), checkpointing atomic
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from scope_mega.checkpointing import (
-    SFT_CHECKPOINTS,
-    TrainerState,
-    has_checkpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model_weights,
-    save_checkpoint,
-)
+from scope_mega.checkpointing import TrainerState, load_checkpoint, load_model_weights, save_checkpoint
 from scope_mega.config import RunConfig, to_dict
 from scope_mega.data import countdown
-from scope_mega.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from scope_mega.data.tokenizer import Tokenizer
 from scope_mega.logging import MetricsLogger, is_rank0
 from scope_mega.models.generate import generate
 from scope_mega.models.gpt import build_gpt_model
+from scope_mega.run_dir import SFT_CHECKPOINTS, has_checkpoint, latest_checkpoint
 from scope_mega.runtime import preemption
 from scope_mega.runtime.distributed import init_distributed
+from scope_mega.tasks import prepare_tokenizer, with_task_vocab
 from scope_mega.train_step import Batch, lm_loss, setup_training, shard_for_data_parallel, train_step
-
-TOKENIZER_CORPUS_PROBLEMS = 2000
-
-
-def prepare_tokenizer(cfg: RunConfig) -> Tokenizer:
-    """Train the task tokenizer once per run directory (rank 0), then load it on every rank."""
-    path = Path(cfg.run_dir) / "tokenizer"
-    if is_rank0() and not (path / "tokenizer.model").is_file():
-        rng = random.Random(cfg.seed)
-        problems = countdown.make_problems(TOKENIZER_CORPUS_PROBLEMS, cfg.seed, cfg.task, split="train")
-        corpus = [p.prompt() + countdown.random_solution(p, rng) for p in problems]
-        train_tokenizer(corpus, path, vocab_size=cfg.sft.tokenizer_vocab_size)
-    if dist.is_initialized():
-        dist.barrier()
-    return load_tokenizer(path / "tokenizer.model")
-
-
-def with_task_vocab(cfg: RunConfig, tok: Tokenizer) -> RunConfig:
-    """The toy policy's HF config takes its vocabulary size and special ids from the task tokenizer."""
-    if not isinstance(cfg.model.hf_config, dict):
-        return cfg
-    hf = dict(cfg.model.hf_config)
-    hf.update(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    hf.setdefault("pad_token_id", tok.pad_id)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_config=hf))
 
 
 def encode_example(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], int]:

@@ -3,19 +3,31 @@
 Two tasks: the built-in Countdown toy task (its own sentencepiece tokenizer, an exact checker, an oracle
 PRM and solver) and math from JSON Lines in the benchmark formats (`scope_mega.eval.FORMATS`), with a
 Hugging Face tokenizer, the prompt template of `data.template` and the `math-verify` checker.
+
+The Countdown tokenizer is trained on the task's own corpus once per run directory
+(`prepare_tokenizer`, shared by the SFT and RL stages), and the toy policy's vocabulary follows it
+(`with_task_vocab`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from scope_mega.config import ConfigError, RunConfig
 from scope_mega.data import countdown
+from scope_mega.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from scope_mega.logging import is_rank0
 from scope_mega.rewards.base import Verifier
 from scope_mega.scope.trajectory import PromptInfo
+
+TOKENIZER_CORPUS_PROBLEMS = 2000
 
 
 @dataclass(frozen=True)
@@ -54,7 +66,6 @@ def build_task(cfg: RunConfig) -> Task:
 def countdown_task(cfg: RunConfig) -> Task:
     """Countdown prompts (BOS + prompt text), the exact checker, the toy model sized to the tokenizer."""
     from scope_mega.rewards.countdown_verifier import CountdownVerifier
-    from scope_mega.sft import prepare_tokenizer, with_task_vocab
 
     tok = prepare_tokenizer(cfg)
 
@@ -82,6 +93,29 @@ def countdown_task(cfg: RunConfig) -> Task:
             countdown.parse_prompt(prompt.info.question, ops), text
         ),
     )
+
+
+def prepare_tokenizer(cfg: RunConfig) -> Tokenizer:
+    """Train the task tokenizer once per run directory (rank 0), then load it on every rank."""
+    path = Path(cfg.run_dir) / "tokenizer"
+    if is_rank0() and not (path / "tokenizer.model").is_file():
+        rng = random.Random(cfg.seed)
+        problems = countdown.make_problems(TOKENIZER_CORPUS_PROBLEMS, cfg.seed, cfg.task, split="train")
+        corpus = [p.prompt() + countdown.random_solution(p, rng) for p in problems]
+        train_tokenizer(corpus, path, vocab_size=cfg.sft.tokenizer_vocab_size)
+    if dist.is_initialized():
+        dist.barrier()
+    return load_tokenizer(path / "tokenizer.model")
+
+
+def with_task_vocab(cfg: RunConfig, tok: Tokenizer) -> RunConfig:
+    """The toy policy's HF config takes its vocabulary size and special ids from the task tokenizer."""
+    if not isinstance(cfg.model.hf_config, dict):
+        return cfg
+    hf = dict(cfg.model.hf_config)
+    hf.update(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    hf.setdefault("pad_token_id", tok.pad_id)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_config=hf))
 
 
 def math_task(cfg: RunConfig) -> Task:

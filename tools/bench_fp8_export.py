@@ -29,7 +29,7 @@ def write_run_config(hf: Path, run_dir: Path, out: Path) -> None:
     """The demo's config with `hf` as the model and `run_dir` holding a freshly trained tokenizer."""
     import yaml
 
-    from scope_mega.sft import prepare_tokenizer
+    from scope_mega.tasks import prepare_tokenizer
     from scope_mega.validation import load_config
 
     data = yaml.safe_load((REPO / "examples" / "tiny_cpu.yaml").read_text())

@@ -73,8 +73,7 @@ def countdown_policy_run(root: Path, calib: int, **config) -> dict:
     import sys
 
     from scope_mega.config import parse_config, to_dict
-    from scope_mega.sft import prepare_tokenizer
-    from scope_mega.tasks import build_task
+    from scope_mega.tasks import build_task, prepare_tokenizer
 
     repo = Path(__file__).resolve().parents[2]
     cfg = parse_config(repo / "examples" / "tiny_cpu.yaml", [f"run_dir={root / 'run'}"])
