@@ -1,7 +1,7 @@
 """What the RL trainer needs from a task: tokenised prompts, a verifier, and what SCOPE reads.
 
 Two tasks: the built-in Countdown toy task (its own sentencepiece tokenizer, an exact checker, an oracle
-PRM and solver) and math from JSON Lines in the benchmark formats (`scope_mega.eval.FORMATS`), with a
+PRM and solver) and math from JSON Lines in the benchmark formats (`data.benchmarks`), with a
 Hugging Face tokenizer, the prompt template of `data.template` and the `math-verify` checker.
 
 The Countdown tokenizer is trained on the task's own corpus once per run directory
@@ -121,8 +121,8 @@ def with_task_vocab(cfg: RunConfig, tok: Tokenizer) -> RunConfig:
 def math_task(cfg: RunConfig) -> Task:
     """Math prompts from `data.train_files` / `data.eval_files` rendered with `data.template` and the
     tokenizer of `data.tokenizer`; prompts longer than `data.max_prompt_tokens` are left out."""
+    from scope_mega.data.benchmarks import load_benchmark, render_prompt
     from scope_mega.data.hf_tokenizer import HFTokenizer
-    from scope_mega.eval import load_benchmark, render_prompt
     from scope_mega.models.arch import load_hf_config
     from scope_mega.rewards.math_verifier import MathVerifier
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from scope_mega.eval import BOXED_INSTRUCTION
+from scope_mega.data.benchmarks import BOXED_INSTRUCTION
 from scope_mega.weights.files import atomic_output_dir
 from scope_mega.weights.mapping import ConversionError
 

@@ -9,18 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from scope_mega.eval import (
+from scope_mega.data.benchmarks import (
     FORMATS,
     EvalDataError,
     Problem,
     detect_format,
-    evaluate_engine,
-    format_table,
     load_benchmark,
     load_responses,
     render_prompt,
-    score,
 )
+from scope_mega.eval import evaluate_engine, format_table, score
 from scope_mega.rewards.math_verifier import MathVerifier
 from scope_mega.rollout.engine import Completion, SamplingParams
 

@@ -12,8 +12,8 @@ import transformers
 from safetensors.torch import load_file
 
 from scope_mega.config import ModelConfig, ParallelConfig
+from scope_mega.data.benchmarks import load_benchmark
 from scope_mega.data.hf_tokenizer import HFTokenizer
-from scope_mega.eval import load_benchmark
 from scope_mega.runtime.spawn import spawn_local
 from scope_mega.weights.mapping import ConversionError
 
