@@ -12,16 +12,18 @@ Storages, not tensors, move: views into them (the gradient shards of the distrib
 `main_grad` of every parameter, optimizer shards aliasing the parameter buffer) stay valid. Storages
 that hold model parameters never move, whatever the optimizer aliases. Nothing may touch the optimizer
 state while it is away: the trainer brings it back for the update and around a checkpoint save.
+
+What the offload reads of the trainer's state is `TrainerParts` (a `train_step.TrainState` fits it);
+this module imports nothing from the stages.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any, Protocol
 
 import torch
-
-from scope_mega.train_step import TrainState
 
 
 def offload_wanted(setting: str, device_type: str) -> bool:
@@ -30,11 +32,11 @@ def offload_wanted(setting: str, device_type: str) -> bool:
     return setting == "on" or (setting == "auto" and device_type == "cuda")
 
 
-def _buffers(state: TrainState) -> list:
+def _buffers(state: TrainerParts) -> list:
     return [b for chunk in state.model for b in (*chunk.buffers, *chunk.expert_parallel_buffers)]
 
 
-def _optimizer_tensors(state: TrainState) -> Iterator[torch.Tensor]:
+def _optimizer_tensors(state: TrainerParts) -> Iterator[torch.Tensor]:
     for opt in getattr(state.optimizer, "chained_optimizers", [state.optimizer]):
         inner = opt.optimizer
         for group in inner.param_groups:
@@ -43,11 +45,19 @@ def _optimizer_tensors(state: TrainState) -> Iterator[torch.Tensor]:
             yield from (v for v in per_param.values() if isinstance(v, torch.Tensor))
 
 
+class TrainerParts(Protocol):
+    """The trainer's model chunks (Megatron DDP modules, with their parameter and gradient buffers)
+    and its Megatron optimizer (possibly chained)."""
+
+    model: list
+    optimizer: Any
+
+
 class TrainerOffload:
-    """Moves a `TrainState`'s optimizer state to host memory and releases its gradient buffers
+    """Moves a trainer's optimizer state to host memory and releases its gradient buffers
     (`to_host`), and back (`to_device`). Disabled, both are no-ops. Host buffers are kept between steps."""
 
-    def __init__(self, state: TrainState, enabled: bool) -> None:
+    def __init__(self, state: TrainerParts, enabled: bool) -> None:
         self.state = state
         self.enabled = enabled
         self.on_host = False
