@@ -4,8 +4,9 @@ which vLLM serves on GPU (`quantization_config.quant_method = "modelopt"`, `quan
 Every Linear of the decoder layers gets float8_e4m3fn weights with a scalar `weight_scale` and a scalar
 static `input_scale` beside it; the embedding, the norms and the head stay in the checkpoint's dtype.
 Scales come from modelopt's max calibration (`mtq.quantize` with `FP8_DEFAULT_CFG`) on the task's own
-training prompts. The Linears that vLLM fuses (q/k/v and gate/up, the mapping's `qkv` and `gate_up`
-rules) share one weight scale and one input scale, so vLLM never requantizes them.
+training prompts (or on prompts the caller passes). The Linears that vLLM fuses (q/k/v and gate/up, the
+mapping's `qkv` and `gate_up` rules) share one weight scale and one input scale, so vLLM never
+requantizes them; `share_fused_scales=False` leaves each its own, for tests that check the sharing.
 
 Streams one layer at a time, as `megatron_to_hf` does: the layer's tensors come from the checkpoint
 through the one mapping (`mapping.to_hf`) into that layer of a transformers model built on the meta
@@ -218,16 +219,23 @@ def _run(layer: torch.nn.Module, hidden: list[torch.Tensor], position: list) -> 
 
 
 def _calibrate_layer(
-    layer: torch.nn.Module, group: list[Binding], prefix: str, hidden: list[torch.Tensor], position: list
+    layer: torch.nn.Module,
+    group: list[Binding],
+    prefix: str,
+    hidden: list[torch.Tensor],
+    position: list,
+    share_fused_scales: bool,
 ) -> list[torch.Tensor]:
     """Quantize `layer` in place with max calibration on `hidden` (one [1, T, H] tensor per prompt), fused
-    groups unified. Returns the layer's unquantized outputs: the next layer's inputs."""
+    groups unified if `share_fused_scales`. Returns the layer's unquantized outputs: the next layer's
+    inputs."""
     import modelopt.torch.quantization as mtq
 
     outputs: list[torch.Tensor] = []
     with contextlib.redirect_stdout(io.StringIO()):  # modelopt prints a line per call
         mtq.quantize(layer, mtq.FP8_DEFAULT_CFG, lambda m: outputs.extend(_run(m, hidden, position)))
-    _unify_fused_scales(layer, group, prefix)
+    if share_fused_scales:
+        _unify_fused_scales(layer, group, prefix)
     return outputs
 
 
@@ -245,10 +253,17 @@ def export_fp8_checkpoint(
     config: RunConfig | None = None,
     calib_prompts: int = DEFAULT_CALIB_PROMPTS,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    *,
+    prompts: list[torch.Tensor] | None = None,
+    share_fused_scales: bool = True,
 ) -> Fp8Export:
     """Write `out`: the policy of `source` (a run directory or a checkpoint) with FP8 Linear weights,
     its config with modelopt's `quantization_config`, `hf_quant_config.json`, the task's tokenizer
-    and a generation config. Every input is checked before anything is written."""
+    and a generation config. Every input is checked before anything is written.
+
+    `prompts` ([1, T] token-id tensors) calibrate in place of the task's first `calib_prompts` training
+    prompts. `share_fused_scales=False` skips giving each fused group one scale (an export vLLM would
+    requantize: only for checking that the sharing happens)."""
     ckpt_dir = find_policy_checkpoint(source)
     hf, _ = resolve_hf_source(ckpt_dir)
     if is_prm(hf):
@@ -257,7 +272,8 @@ def export_fp8_checkpoint(
     ckpt = MegatronCheckpoint(ckpt_dir / "model")
     check_megatron_tensors(ckpt, items, hf)
     cfg = calibration_config(ckpt_dir, config)
-    task, prompts = calibration_prompts(cfg, calib_prompts)
+    task, task_prompts = calibration_prompts(cfg, calib_prompts)
+    prompts = task_prompts if prompts is None else prompts
     if not prompts:
         raise ConversionError(f"the task of {ckpt_dir} has no training prompts to calibrate with")
     top = max(int(ids.max()) for ids in prompts)
@@ -302,7 +318,7 @@ def export_fp8_checkpoint(
             order = list(tensors)
             for name in tensors.keys() & quantized:
                 del tensors[name]  # the layer holds it now, in fp32
-            outputs = _calibrate_layer(layer, group, prefix, hidden, position)
+            outputs = _calibrate_layer(layer, group, prefix, hidden, position, share_fused_scales)
             exported = {}  # HF weight name -> (e4m3 codes, weight scale, input scale)
             for name in order:
                 if name in quantized:

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from scope_mega.cli import main
 from scope_mega.config import to_dict
+from scope_mega.weights.fp8_export import export_fp8_checkpoint
+from scope_mega.weights.mapping import ConversionError
 
 CALIB = 16
 FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
@@ -30,6 +32,10 @@ def run(tmp_path_factory) -> dict:
 
 def _export(run: dict, out: Path) -> dict[str, torch.Tensor]:
     assert main(["export-fp8", str(run["run"]), "--out", str(out), "--calib-prompts", str(CALIB)]) == 0
+    return _tensors(out)
+
+
+def _tensors(out: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
@@ -128,12 +134,11 @@ def test_export_matches_modelopt_in_memory(run: dict):
             torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
 
 
-def test_shared_scale_check_catches_separate_scales(run: dict, monkeypatch):
+def test_shared_scale_check_catches_separate_scales(run: dict):
     """Without the fusion step each of q/k/v keeps its own weight scale (what vLLM would requantize)."""
-    from scope_mega.weights import fp8_export
-
-    monkeypatch.setattr(fp8_export, "_unify_fused_scales", lambda *args: None)
-    got = _export(run, run["root"] / "fp8_unfused")
+    out = run["root"] / "fp8_unfused"
+    export_fp8_checkpoint(run["run"], out, calib_prompts=CALIB, share_fused_scales=False)
+    got = _tensors(out)
     bad = _unshared(got, 2)
     assert bad and all("weight_scale" in b for b in bad)  # inputs are shared anyway: same amax
 
@@ -171,15 +176,11 @@ def test_architecture_the_mapping_does_not_know(run: dict, capsys, tmp_path: Pat
     assert _nothing_written(out)
 
 
-def test_tokenizer_larger_than_the_model(run: dict, capsys, monkeypatch, tmp_path: Path):
+def test_tokenizer_larger_than_the_model(run: dict, tmp_path: Path):
     """Token ids the embedding does not have are refused before anything is written (not an IndexError)."""
-    from scope_mega.weights import fp8_export
-
-    real = fp8_export.calibration_prompts
-    monkeypatch.setattr(
-        fp8_export, "calibration_prompts", lambda cfg, n: (real(cfg, n)[0], [torch.tensor([[1, 10**6]])])
-    )
     out = tmp_path / "fp8"
-    err = _error_line(capsys, "export-fp8", str(run["run"]), "--out", str(out))
+    with pytest.raises(ConversionError) as raised:
+        export_fp8_checkpoint(run["run"], out, prompts=[torch.tensor([[1, 10**6]])])
+    err = str(raised.value)
     assert "gives token id 1000000 but the model's vocab_size is" in err
     assert _nothing_written(out)
