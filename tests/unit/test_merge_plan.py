@@ -1,4 +1,4 @@
-"""The fused TP merge of the shared-memory weight export (`streaming.merge_plan` + `copy_blocks`) gives
+"""The fused TP merge of the shared-memory weight export (`stream_shm.merge_plan` + `copy_blocks`) gives
 exactly `mapping.to_hf(tp_merge(shards))` for every rule of every LM family, at any TP size and however
 the shards are cut into row blocks."""
 
