@@ -29,6 +29,8 @@ import torch.distributed as dist
 
 from scope_mega.run_dir import IN_PROGRESS, LATEST, TRAINER_STATE, step_dirs, step_name
 from scope_mega.train_step import TrainState
+from scope_mega.weights.mapping import unwrap
+from scope_mega.weights.megatron_ckpt import load_model_weights
 
 
 @dataclass
@@ -47,10 +49,6 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    return getattr(chunk, "module", chunk)
 
 
 def _optimizer_metadata(state: TrainState) -> dict:
@@ -110,7 +108,7 @@ def save_checkpoint(
         for sub in ("model", "optim", "rng"):
             (tmp / sub).mkdir(parents=True)
     _barrier()
-    model = _unwrap(state.model[0])
+    model = unwrap(state.model[0])
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
     # A fresh model dict: `save` rewrites the one it is given in place.
     optim_sd = state.optimizer.sharded_state_dict(
@@ -150,18 +148,6 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Load model weights from `<path>/model` into this rank's stage, whatever TP/PP saved them."""
-    from megatron.core import dist_checkpointing
-
-    model = _unwrap(model)
-    model_dir = Path(path) / "model"
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir} is missing: not a scope-mega/Megatron checkpoint directory")
-    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(model_dir))
-    model.load_state_dict(loaded, strict=True)
-
-
 def load_checkpoint(path: str | Path, state: TrainState) -> TrainerState:
     """Restore model, optimizer, LR schedule, RNG and trainer state (same parallel layout as saved)."""
     from megatron.core import dist_checkpointing
@@ -170,7 +156,7 @@ def load_checkpoint(path: str | Path, state: TrainState) -> TrainerState:
     meta = json.loads((path / TRAINER_STATE).read_text())
     world = dist.get_world_size() if dist.is_initialized() else 1
     load_model_weights(path, state.model[0])
-    model_sd = _unwrap(state.model[0]).sharded_state_dict()
+    model_sd = unwrap(state.model[0]).sharded_state_dict()
     optim_sd = state.optimizer.sharded_state_dict(
         model_sd, is_loading=True, metadata=_optimizer_metadata(state)
     )

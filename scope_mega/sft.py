@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from scope_mega.checkpointing import TrainerState, load_checkpoint, load_model_weights, save_checkpoint
+from scope_mega.checkpointing import TrainerState, load_checkpoint, save_checkpoint
 from scope_mega.config import RunConfig, to_dict
 from scope_mega.data import countdown
 from scope_mega.data.tokenizer import Tokenizer
@@ -26,6 +26,7 @@ from scope_mega.runtime import preemption
 from scope_mega.runtime.distributed import init_distributed
 from scope_mega.tasks import prepare_tokenizer, with_task_vocab
 from scope_mega.train_step import Batch, lm_loss, setup_training, shard_for_data_parallel, train_step
+from scope_mega.weights.megatron_ckpt import load_model_weights
 
 
 def encode_example(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], int]:

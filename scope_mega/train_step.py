@@ -2,8 +2,8 @@
 
 A step takes this data-parallel rank's micro-batches (dicts of [b, s] tensors with `input_ids`,
 `position_ids`, `targets`, plus whatever the loss needs; packed ones also `cu_seqlens`) and a loss
-function over per-token log-probabilities. Pipeline parallelism, micro-batching and gradient
-reduction are Megatron's own.
+function over per-token log-probabilities. Pipeline parallelism (run through `models.pipeline`),
+micro-batching and gradient reduction are Megatron's own.
 
 Loss contract (`LossFn`): `loss_fn(logprobs, batch, entropy) -> (loss_sum, normaliser, metrics)`.
 `loss_sum` is a scalar, `normaliser` an int tensor, `metrics` maps a name to a (sum, count) pair of
@@ -23,8 +23,8 @@ import torch.distributed as dist
 
 from scope_mega.config import OptimConfig, ParallelConfig
 from scope_mega.models.logprobs import token_logprobs, vocab_parallel_entropy
+from scope_mega.models.pipeline import Batch, model_forward, on_device, pipeline_forward, schedule
 
-Batch = dict[str, torch.Tensor]
 Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, Batch, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, Metrics]]
 
@@ -97,37 +97,12 @@ def setup_training(
     return TrainState(chunks, optimizer, scheduler, vocab_size)
 
 
-def _on_device(batch: Batch, model: torch.nn.Module) -> Batch:
-    """The batch's tensors moved to `model`'s device, in place: micro-batches are built in host memory,
-    and what a forward stores in them (logprobs) stays beside the rest."""
-    device = next(model.parameters()).device
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.device != device:
-            batch[key] = value.to(device, non_blocking=True)
-    return batch
-
-
-def _model_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """This stage's forward on a micro-batch; one that carries `cu_seqlens` is packed (THD layout:
-    one row of sequences end to end, each attending within itself, RoPE restarting at each)."""
-    packed = None
-    if "cu_seqlens" in batch:
-        from megatron.core.packed_seq_params import PackedSeqParams
-
-        cu = batch["cu_seqlens"]
-        longest = int((cu[1:] - cu[:-1]).max())
-        packed = PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
-        )
-    return model(batch["input_ids"], batch["position_ids"], attention_mask=None, packed_seq_params=packed)
-
-
 def _forward_step(vocab_size: int, loss_fn: LossFn, need_entropy: bool, data_iterator, model):
     """Megatron forward_step_func: run the stage; on the last stage turn logits into token logprobs."""
     from megatron.core import parallel_state
 
-    batch = _on_device(next(data_iterator), model)
-    output = _model_forward(model, batch)
+    batch = on_device(next(data_iterator), model)
+    output = model_forward(model, batch)
     if not parallel_state.is_pipeline_last_stage():
         return output, None
 
@@ -140,24 +115,6 @@ def _forward_step(vocab_size: int, loss_fn: LossFn, need_entropy: bool, data_ite
     return output, loss_func
 
 
-def _schedule(model: list, micro_batches: list[Batch], forward_step_func, forward_only: bool) -> list:
-    """Megatron's schedule for this PP size over the micro-batches, which may differ in [batch, seq]
-    shape (`variable_seq_lengths`: pipeline stages exchange shapes; see `models.arch`)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    mbs = max(mb["input_ids"].shape[0] for mb in micro_batches)
-    seq = max(mb["input_ids"].shape[1] for mb in micro_batches)
-    return get_forward_backward_func()(
-        forward_step_func=forward_step_func,
-        data_iterator=iter(micro_batches),
-        model=model,
-        num_microbatches=len(micro_batches),
-        seq_length=seq,
-        micro_batch_size=mbs,
-        forward_only=forward_only,
-    )
-
-
 def _run_schedule(
     model: list,
     vocab_size: int,
@@ -167,28 +124,7 @@ def _run_schedule(
     need_entropy: bool,
 ) -> list:
     step = partial(_forward_step, vocab_size, loss_fn, need_entropy)
-    return _schedule(model, micro_batches, step, forward_only)
-
-
-def pipeline_forward(
-    model: list, micro_batches: list[Batch], on_output: Callable[[torch.Tensor, Batch], None]
-) -> None:
-    """Forward only, through the pipeline schedule (any PP size): on the last stage, `on_output(output,
-    batch)` gets each micro-batch's model output, in order. Every rank of the model-parallel group
-    calls it with micro-batches of the same shapes."""
-
-    def forward_step(data_iterator, chunk):
-        batch = _on_device(next(data_iterator), chunk)
-        output = _model_forward(chunk, batch)
-
-        def keep(out: torch.Tensor):
-            on_output(out, batch)
-            return out.sum() * 0, torch.zeros((), dtype=torch.int), {}
-
-        return output, keep
-
-    with torch.no_grad():
-        _schedule(model, micro_batches, forward_step, forward_only=True)
+    return schedule(model, micro_batches, step, forward_only)
 
 
 def _reduce_metrics(outputs: list[Metrics]) -> dict[str, float]:

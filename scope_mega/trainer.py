@@ -33,17 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from scope_mega.checkpointing import (
-    RL_CHECKPOINTS,
-    SFT_CHECKPOINTS,
-    TrainerState,
-    export_hf,
-    has_checkpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model_weights,
-    save_checkpoint,
-)
+from scope_mega.checkpointing import TrainerState, load_checkpoint, save_checkpoint
 from scope_mega.config import ConfigError, RunConfig, to_dict
 from scope_mega.logging import MetricsLogger, is_rank0
 from scope_mega.metrics import merge_stats, rollout_metrics, scope_metrics, timed, weighted_mean
@@ -56,6 +46,7 @@ from scope_mega.rl.packing import cu_seqlens, pack_by_token_budget
 from scope_mega.rollout.engine import SamplingParams
 from scope_mega.rollout.factory import make_engine
 from scope_mega.rollout.weight_sync import sync_weights
+from scope_mega.run_dir import RL_CHECKPOINTS, SFT_CHECKPOINTS, has_checkpoint, latest_checkpoint
 from scope_mega.runtime import preemption
 from scope_mega.runtime.distributed import init_distributed
 from scope_mega.runtime.offload import TrainerOffload, offload_wanted
@@ -67,6 +58,8 @@ from scope_mega.scope.rectify import rectify_groups
 from scope_mega.scope.trajectory import Trajectory
 from scope_mega.tasks import Prompt, Task, build_task
 from scope_mega.train_step import Batch, TrainState, setup_training, store_logprobs, train_step
+from scope_mega.weights.hf_export import export_hf
+from scope_mega.weights.megatron_ckpt import load_model_weights
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from scope_mega.config import ConfigError, ModelConfig, ParallelConfig
 from scope_mega.models import arch
 from scope_mega.models.gpt import ModelSpec, layer_spec
+from scope_mega.models.pipeline import pipeline_forward
 from scope_mega.runtime.served import Served
 from scope_mega.scope.prm import PRM
 
@@ -121,8 +122,8 @@ def load_prm_weights(path: str | Path, model: torch.nn.Module, spec: ModelSpec) 
     """
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-    from scope_mega.checkpointing import load_model_weights
     from scope_mega.weights.mapping import ConversionError, bind_parameters, some_names, unwrap
+    from scope_mega.weights.megatron_ckpt import load_model_weights
 
     bind_parameters(model, spec.hf_config)  # raises on a parameter no rule maps
     params = dict(unwrap(model).named_parameters())
@@ -253,8 +254,6 @@ class MegatronPRM(PRM):
     def score_batch(self, questions: Sequence[str], steps: Sequence[Sequence[str]]) -> list[list[float]]:
         import torch.distributed as dist
         from megatron.core import parallel_state
-
-        from scope_mega.train_step import pipeline_forward
 
         encoded = [self.encode(q, s) for q, s in zip(questions, steps, strict=True)]
         if not encoded:

@@ -1,5 +1,6 @@
-"""Read tensors of a Megatron `torch_dist` checkpoint piece by piece, in one process, whatever TP/PP
-saved it.
+"""Read a Megatron `torch_dist` checkpoint, whatever TP/PP saved it: into a built model stage with
+Megatron's own loader (`load_model_weights`, collective over the model's process groups), or tensor by
+tensor, piece by piece, in one process (`MegatronCheckpoint`).
 
 A `torch_dist` checkpoint is a PyTorch Distributed Checkpoint (DCP) whose keys are Megatron's sharded
 keys. Layer tensors are stacked: `decoder.layers.<suffix>` has shape `[num_layers, ...]`, and fused
@@ -28,7 +29,19 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
 from scope_mega.weights import files
-from scope_mega.weights.mapping import LAYER_PREFIX_MEGATRON, ConversionError
+from scope_mega.weights.mapping import LAYER_PREFIX_MEGATRON, ConversionError, unwrap
+
+
+def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Load model weights from `<path>/model` into this rank's stage, whatever TP/PP saved them."""
+    from megatron.core import dist_checkpointing
+
+    model = unwrap(model)
+    model_dir = Path(path) / "model"
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir} is missing: not a scope-mega/Megatron checkpoint directory")
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(model_dir))
+    model.load_state_dict(loaded, strict=True)
 
 
 class MegatronCheckpoint:

@@ -37,10 +37,11 @@ def _worker(tmp: str):
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from scope_mega.checkpointing import TrainerState, load_model_weights, save_checkpoint
+    from scope_mega.checkpointing import TrainerState, save_checkpoint
     from scope_mega.config import OptimConfig
     from scope_mega.runtime.distributed import destroy_distributed
     from scope_mega.train_step import setup_training
+    from scope_mega.weights.megatron_ckpt import load_model_weights
 
     tmp = Path(tmp)
     model, _, _ = _build(1, 1)

@@ -95,9 +95,9 @@ def _parity_worker(tmp: str):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from scope_mega.checkpointing import load_model_weights
     from scope_mega.runtime.distributed import destroy_distributed
     from scope_mega.train_step import evaluate_loss, lm_loss, setup_training, train_step
+    from scope_mega.weights.megatron_ckpt import load_model_weights
 
     tmp = Path(tmp)
     results = {}

@@ -155,7 +155,7 @@ def _worker(root: str):
         report["load_headless"] = _expect_failure(lambda: load_prm_weights(root / "nohead", model, spec))
 
         # A loader that writes nothing (or only part): the NaN poison catches every unset parameter.
-        import scope_mega.checkpointing as ckpt
+        import scope_mega.weights.megatron_ckpt as ckpt
 
         def head_left_unset(path, model):  # loads everything, then "forgets" the head
             real_load(path, model)

@@ -43,11 +43,11 @@ def _load(folder: Path) -> torch.nn.Module:
 
 def _megatron_logits(run_dir: str, tokens: torch.Tensor, out: str) -> None:
     """Build the policy as the trainer does, load the run's latest RL checkpoint, save its logits."""
-    from scope_mega.checkpointing import load_model_weights
     from scope_mega.config import RunConfig, from_dict
     from scope_mega.models.gpt import build_gpt_model
     from scope_mega.run_dir import resolve_checkpoint
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
+    from scope_mega.weights.megatron_ckpt import load_model_weights
 
     ckpt = resolve_checkpoint(Path(run_dir) / "checkpoints_rl")
     cfg = from_dict(RunConfig, json.loads((ckpt / "trainer_state.json").read_text())["config"])

@@ -30,10 +30,10 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"]
 def _load_worker(kit: str, report: str) -> None:
     """Build the policy and the PRM from their HF configs and load the converted checkpoints into them,
     as the trainer does; save the loaded embedding and PRM head for comparison with the HF files."""
-    from scope_mega.checkpointing import load_model_weights
     from scope_mega.models.gpt import build_gpt_model
     from scope_mega.models.prm import build_prm_model, load_prm_weights
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
+    from scope_mega.weights.megatron_ckpt import load_model_weights
 
     kit_dir = Path(kit)
     device = init_distributed(device="cpu")

@@ -75,13 +75,13 @@ def _worker(root: str):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from scope_mega.checkpointing import load_model_weights
     from scope_mega.config import ModelConfig
     from scope_mega.models.gpt import build_gpt_model
     from scope_mega.models.prm import build_prm_model, load_prm_weights
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
     from scope_mega.weights import files
     from scope_mega.weights.hf_to_megatron import build_model, plan_import, write_megatron_checkpoint
+    from scope_mega.weights.megatron_ckpt import load_model_weights
 
     root = Path(root)
     tokens = _tokens()
