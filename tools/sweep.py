@@ -30,6 +30,9 @@ line present) and writes each run's wall time to DIR/runs/NAME/sweep_run.json (i
 DIR/runs/NAME/sweep_run.log). `collect` groups runs by everything but the seed ("point"), takes each
 run's last eval line (and its first one, the before-training reference), and writes mean and sample
 standard deviation (n-1) over seeds.
+
+Whether a run finished is read through the package: its run layout (`scope_mega.run_dir`) and its
+overrides applied as the CLI applies them (`scope_mega.config.apply_overrides`).
 """
 
 from __future__ import annotations
@@ -51,9 +54,12 @@ from typing import Any
 
 import yaml
 
+from scope_mega.config import ConfigError, apply_overrides
+from scope_mega.run_dir import LATEST, RL_CHECKPOINTS, SFT_CHECKPOINTS, step_name
+
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # stage -> (checkpoint directory inside the run dir, config key holding the number of steps, metrics stage)
-STAGES = {"train": ("checkpoints_rl", "rl.steps", "rl"), "sft": ("checkpoints", "sft.steps", "sft")}
+STAGES = {"train": (RL_CHECKPOINTS, "rl.steps", "rl"), "sft": (SFT_CHECKPOINTS, "sft.steps", "sft")}
 # eval metrics shown first in the tables (the rest follow alphabetically)
 PREFERRED = ["eval/greedy_acc", "eval/avg@8", "eval/pass@8", "eval/distinct_paths", "eval/distinct_4gram",
              "eval/distinct_answers"]  # fmt: skip
@@ -222,16 +228,13 @@ def run_dir_of(run: Run, out: Path) -> Path:
 
 
 def _resolved(config: str, overrides: list[str], dotted: str) -> Any:
+    """The value of `dotted` in a run's config file with its overrides applied as the CLI applies
+    them; None where it is unset or the overrides do not apply (the run's own start reports that)."""
     data = yaml.safe_load(Path(config).read_text()) or {}
-    for o in overrides:
-        k, raw = o.split("=", 1)
-        if k == dotted:
-            data = {**data}
-            node = data
-            for part in k.split(".")[:-1]:
-                node[part] = dict(node.get(part) or {})
-                node = node[part]
-            node[k.split(".")[-1]] = yaml.safe_load(raw)
+    try:
+        data = apply_overrides(data, list(overrides))
+    except ConfigError:
+        return None
     node = data
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
@@ -243,8 +246,8 @@ def is_finished(run: Run, out: Path, stage: str) -> bool:
     ckpt_dir, steps_key, mstage = STAGES[stage]
     rd = run_dir_of(run, out)
     steps = _resolved(run.config, run.overrides, steps_key)
-    marker = rd / ckpt_dir / "latest"
-    if steps is None or not marker.is_file() or marker.read_text().strip() != f"step_{int(steps):08d}":
+    marker = rd / ckpt_dir / LATEST
+    if steps is None or not marker.is_file() or marker.read_text().strip() != step_name(int(steps)):
         return False
     if stage != "train":
         return True
