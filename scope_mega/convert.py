@@ -3,7 +3,9 @@ conversion from the command line.
 
 Import runs one process per TP x PP shard: under torchrun or srun (WORLD_SIZE / SLURM_NTASKS equal
 to tp*pp) every process converts its shard; started as one plain process it spawns tp*pp local
-processes itself. Export runs in one process. Errors print one line and exit with status 2.
+processes itself. Export runs in one process. Errors print one line and exit with status 2: bad input
+is a `ConfigError` (`ConversionError` from the converters and for the arguments here) or what
+`models.arch` cannot build (`ArchError`).
 """
 
 from __future__ import annotations
@@ -67,11 +69,13 @@ def add_export_fp8_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_export_fp8(args) -> int:
     """Run `export-fp8`; on bad input print one line and return a non-zero status."""
+    from scope_mega.models.arch import ArchError
     from scope_mega.weights.fp8_export import export_fp8_checkpoint
+    from scope_mega.weights.mapping import ConversionError
 
     try:
         if args.calib_prompts < 1:
-            raise ConfigError(f"--calib-prompts must be >= 1, got {args.calib_prompts}")
+            raise ConversionError(f"--calib-prompts must be >= 1, got {args.calib_prompts}")
         config = None
         if args.config:
             from scope_mega.validation import load_config
@@ -80,7 +84,7 @@ def run_export_fp8(args) -> int:
         result = export_fp8_checkpoint(
             args.source, args.out, args.force, config, args.calib_prompts, args.max_shard_size
         )
-    except ConfigError as e:
+    except (ConfigError, ArchError) as e:
         print(f"export-fp8 error: {e}", file=sys.stderr)
         return ERROR_EXIT_CODE
     worst = max(result.layer_errors, default=0.0)
@@ -106,6 +110,7 @@ def _launched_world_size() -> int:
 def _import(args) -> None:
     from scope_mega.runtime.spawn import spawn_local
     from scope_mega.weights.hf_to_megatron import import_worker, plan_import
+    from scope_mega.weights.mapping import ConversionError
 
     tp, pp = args.tp, args.pp
     params = (args.hf_dir, args.out, tp, pp, args.force, args.make_vocab_size_divisible_by)
@@ -116,7 +121,9 @@ def _import(args) -> None:
         plan_import(*params)  # bad input fails here, in one line, before any process starts
         spawn_local(import_worker, tp * pp, *params)
     else:
-        raise ConfigError(f"launched {world} processes; --tp {tp} --pp {pp} needs {tp * pp} (or start one)")
+        raise ConversionError(
+            f"launched {world} processes; --tp {tp} --pp {pp} needs {tp * pp} (or start one)"
+        )
 
 
 def _export(args) -> None:
@@ -136,9 +143,11 @@ def run_convert(args) -> int:
     """Run the conversion `args` describe; on failure print one line and return a non-zero status."""
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
+    from scope_mega.models.arch import ArchError
+
     try:
         (_import if args.direction == "hf-to-megatron" else _export)(args)
-    except ConfigError as e:
+    except (ConfigError, ArchError) as e:
         print(f"convert error: {e}", file=sys.stderr)
         return ERROR_EXIT_CODE
     except (ProcessRaisedException, ProcessExitedException) as e:

@@ -1,7 +1,7 @@
 """Checks of a whole `RunConfig` that need the resolved architecture or the device (heads and KV
 groups vs TP, layers vs PP, FP8 vs Transformer Engine), and `load_config`, which runs them.
 
-Above `config` (which stays at the bottom of the import graph) and `models.arch`.
+What `models.arch` cannot build (its `ArchError`) is reported as the same one-line `ConfigError`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from scope_mega.config import ConfigError, RunConfig, parse_config
-from scope_mega.models.arch import check_transformer_impl, load_hf_config
+from scope_mega.models.arch import ArchError, check_transformer_impl, load_hf_config
 from scope_mega.runtime.distributed import resolve_device
 
 
@@ -25,7 +25,10 @@ def validate(cfg: RunConfig) -> None:
     par = cfg.parallel
     if par.cp != 1:
         raise ConfigError("parallel.cp > 1 (context parallel) is not supported yet; set parallel.cp=1")
-    hf = load_hf_config(cfg.model.hf_config)
+    try:
+        hf = load_hf_config(cfg.model.hf_config)
+    except ArchError as e:
+        raise ConfigError(str(e)) from None
     heads, kv = hf.num_attention_heads, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
     if heads % par.tp:
         raise ConfigError(
@@ -45,7 +48,10 @@ def validate(cfg: RunConfig) -> None:
         device = resolve_device(cfg.device)
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
-    check_transformer_impl(cfg.model, device)
+    try:
+        check_transformer_impl(cfg.model, device)
+    except ArchError as e:
+        raise ConfigError(str(e)) from None
     if cfg.rl.overlong == "penalty" and not 1 <= cfg.rl.overlong_buffer <= cfg.rollout.max_new_tokens:
         raise ConfigError(
             f"rl.overlong=penalty needs 1 <= rl.overlong_buffer <= rollout.max_new_tokens="

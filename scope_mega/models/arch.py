@@ -3,6 +3,9 @@
 One place decides how an HF config maps onto Megatron: GQA (`num_query_groups`), head dim, RMSNorm
 epsilon, SwiGLU, QKV bias (Qwen2), q/k norm (Qwen3), RoPE base and Llama-3.1 rope scaling, tied
 embeddings, TP vocab padding, and the layer implementation (local or Transformer Engine).
+
+What it cannot build raises `ArchError` (a `ValueError`) with a one-line message; `validation` runs
+the same functions on a run's config first and reports that message as a `ConfigError`.
 """
 
 from __future__ import annotations
@@ -15,16 +18,21 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from scope_mega.config import ConfigError, ModelConfig, ParallelConfig
+from scope_mega.config import ModelConfig, ParallelConfig
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+class ArchError(ValueError):
+    """An HF config this package cannot build (family, rope scaling, sliding window), or a layer
+    implementation the device cannot run; the message is one line and says how to fix it."""
 
 
 def load_hf_config(source: dict[str, Any] | str | Path) -> transformers.PretrainedConfig:
     """An HF config from an inline dict (must name `model_type`) or a local directory / config.json."""
     if isinstance(source, dict):
         if "model_type" not in source:
-            raise ConfigError("model.hf_config must name a model_type, e.g. model_type: llama")
+            raise ArchError("model.hf_config must name a model_type, e.g. model_type: llama")
         data = dict(source)
         family = data.pop("model_type")
         _check_family(family)
@@ -33,7 +41,7 @@ def load_hf_config(source: dict[str, Any] | str | Path) -> transformers.Pretrain
     if path.is_file():
         path = path.parent
     if not (path / "config.json").is_file():
-        raise ConfigError(f"model.hf_config: no config.json in {path}")
+        raise ArchError(f"model.hf_config: no config.json in {path}")
     hf = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     _check_family(hf.model_type)
     return hf
@@ -41,7 +49,7 @@ def load_hf_config(source: dict[str, Any] | str | Path) -> transformers.Pretrain
 
 def _check_family(family: str) -> None:
     if family not in SUPPORTED_FAMILIES:
-        raise ConfigError(f"unsupported architecture '{family}'; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        raise ArchError(f"unsupported architecture '{family}'; supported: {', '.join(SUPPORTED_FAMILIES)}")
 
 
 def head_dim(hf: transformers.PretrainedConfig) -> int:
@@ -73,7 +81,7 @@ def rope_scaling(hf: transformers.PretrainedConfig) -> dict[str, Any] | None:
     if kind == "default":
         return None
     if kind != "llama3":
-        raise ConfigError(f"rope scaling type '{kind}' is not supported; supported: llama3")
+        raise ArchError(f"rope scaling type '{kind}' is not supported; supported: llama3")
     return dict(params)
 
 
@@ -92,6 +100,17 @@ def llama3_inv_freq(base: float, dim: int, scaling: dict[str, Any]) -> torch.Ten
     return torch.where(medium, smoothed, scaled)
 
 
+def check_sliding_window(hf: transformers.PretrainedConfig) -> None:
+    """Refuse sliding-window attention that a sequence could exceed (Megatron's is not HF's)."""
+    window = getattr(hf, "sliding_window", None)
+    windowed = hf.model_type == "mistral" or getattr(hf, "use_sliding_window", False)
+    if windowed and window is not None and window < hf.max_position_embeddings:
+        raise ArchError(
+            f"sliding-window attention (sliding_window={window}) is not supported; "
+            "set sliding_window: null (exact for sequences up to the window)"
+        )
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     """Vocab rounded up so every TP rank holds an equal, `divisible_by`-aligned slice."""
     multiple = divisible_by * tp
@@ -99,18 +118,24 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 
 def check_transformer_impl(model: ModelConfig, device: torch.device) -> str:
-    """Resolve `transformer_impl` (auto|local|te); reject TE or FP8 where Transformer Engine can't run."""
-    te_ok = device.type == "cuda" and _te_importable()
+    """Resolve `transformer_impl` (auto|local|te) on `device`; reject TE or FP8 where Transformer
+    Engine can't run."""
+    return resolve_transformer_impl(model, device.type == "cuda" and _te_importable())
+
+
+def resolve_transformer_impl(model: ModelConfig, te_ok: bool) -> str:
+    """`transformer_impl` where Transformer Engine runs (`te_ok`) or not: auto picks TE where it runs;
+    TE and FP8 are refused where it does not."""
     impl = model.transformer_impl
     if impl == "auto":
         impl = "te" if te_ok else "local"
     if impl == "te" and not te_ok:
-        raise ConfigError(
+        raise ArchError(
             "model.transformer_impl=te needs Transformer Engine on a CUDA device "
             "(pip install 'scope-mega[gpu]' on a GPU node), or set model.transformer_impl=local"
         )
     if model.fp8.enabled and impl != "te":
-        raise ConfigError(
+        raise ArchError(
             "model.fp8.enabled needs Transformer Engine on a CUDA device "
             "(pip install 'scope-mega[gpu]' and transformer_impl=te/auto), or set model.fp8.enabled=false"
         )
@@ -140,13 +165,7 @@ def transformer_config(
     """Megatron `TransformerConfig` equivalent to `hf` under the given parallel layout."""
     from megatron.core.transformer import TransformerConfig
 
-    window = getattr(hf, "sliding_window", None)
-    windowed = hf.model_type == "mistral" or getattr(hf, "use_sliding_window", False)
-    if windowed and window is not None and window < hf.max_position_embeddings:
-        raise ConfigError(
-            f"sliding-window attention (sliding_window={window}) is not supported; "
-            "set sliding_window: null (exact for sequences up to the window)"
-        )
+    check_sliding_window(hf)
     dtype = resolve_dtype(model, device)
     fp8 = model.fp8
     return TransformerConfig(
