@@ -42,33 +42,51 @@ def _cmd_sft(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    if args.dry_run:  # validated for the target device (see scope_mega/plan.py), then the plan
-        from scope_mega.plan import format_plan, load_config_for_target, make_plan
-
-        cfg, target, refusal = load_config_for_target(args.config, args.overrides, args.target)
-        _print_config(cfg)
-        plan = make_plan(
-            cfg,
-            target,
-            args.world_size,
-            args.gpu_memory_gib,
-            refusal,
-            args.gpus_per_node,
-            args.host_memory_gib,
-        )
-        print(format_plan(plan))
-        from scope_mega.trainer import check_wired
-
-        try:
-            check_wired(cfg, plan.world_size, target)
-        except ConfigError as err:  # the layout is valid, but this trainer cannot run it yet
-            print(f"trainer: not runnable as configured: {err}")
+    if args.dry_run:  # validated for the target device, then the plan (scope_mega/validation.py)
+        _dry_run_train(args)
         return 0
     cfg = load_config(args.config, args.overrides)
     from scope_mega.trainer import run_train
 
     run_train(cfg)
     return 0
+
+
+def _dry_run_train(args) -> None:
+    """The resolved config, its plan for the target device, and whether the trainer can run it."""
+    from scope_mega.plan_report import format_plan
+    from scope_mega.validation import checked_plan, load_config_for_target, validate
+
+    cfg, target, refusal = load_config_for_target(args.config, args.overrides, args.target)
+    _print_config(cfg)
+    plan = checked_plan(
+        cfg,
+        target,
+        args.world_size,
+        args.gpu_memory_gib,
+        refusal,
+        args.gpus_per_node,
+        args.host_memory_gib,
+    )
+    print(format_plan(plan))
+    try:
+        validate(cfg, target, plan.world_size, stage="rl")
+    except ConfigError as err:  # the layout is valid, but this trainer cannot run it yet
+        print(f"trainer: not runnable as configured: {err}")
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """Dry-run options of `train`: the target device and the cluster the plan is for."""
+    parser.add_argument(
+        "--target",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="validate for this device (default: from config)",
+    )
+    parser.add_argument("--world-size", type=int, default=None, help="GPUs in the job (plan)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU (plan)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (host memory plan)")
+    parser.add_argument("--host-memory-gib", type=float, default=1024.0, help="host memory per node (plan)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     train = _add_run_parser(sub, "train", "RL training (GRPO + SCOPE) of the policy")
     train.set_defaults(func=_cmd_train)
-    from scope_mega.plan import add_plan_arguments
-
-    add_plan_arguments(train)
+    _add_plan_arguments(train)
     from scope_mega.convert import add_convert_parser, add_export_fp8_parser
 
     add_convert_parser(sub)

@@ -1,15 +1,7 @@
-"""Dry-run plan: validate a config for its target device, lay out the roles, estimate GPU memory.
-
-`scope-mega train CONFIG --dry-run` prints the resolved config, then this plan.
-
-Target device. A cluster config (`device: auto` or `cuda`) is validated *as if on a CUDA node*
-(`--target cuda`, the default for such configs) so that it can be checked on a CPU login node: every
-structural check of `validation.validate` runs (heads/KV groups vs TP, layers vs PP, batch divisibility),
-with the device-dependent part evaluated for CUDA: `transformer_impl: auto` resolves to Transformer
-Engine (the `[gpu]` extra is assumed installed there), FP8 is accepted with TE and rejected with
-`transformer_impl: local`, and FP8 GEMM shapes must be multiples of 16. The plan then also says
-whether a run *on this machine* would be refused, and why. `device: cpu` configs (or `--target cpu`)
-are validated exactly as a run here would be.
+"""The memory plan: how a config lays out its roles on W GPUs and what each GPU (and each node's host)
+holds in every phase of an RL step. Numbers only: `make_plan` takes a config that
+`validation.validate` accepted for the same target device and world size, and raises nothing;
+`validation` refuses a plan that does not fit (`checked_plan`), `plan_report` prints it.
 
 Layout per role (world size W GPUs, from `--world-size`, else $WORLD_SIZE / $SLURM_NTASKS, else TP*PP):
 - policy trainer: Megatron TP x PP x DP with DP = W / (TP*PP*CP).
@@ -42,7 +34,8 @@ matrices divided by TP, norms replicated; embedding on the first stage, output l
 - PRM: bf16 weights / (TP * PP), stages taken as even; its forward holds one layer's activations for
   8 sequences.
   The PRM's and the guide's sizes come from their config.json where this machine can read it, else
-  from `guide.prm_params_b` / `guide.guide_params_b`; neither is an error.
+  from `guide.prm_params_b` / `guide.guide_params_b`; with neither, `Helper.source` is None and
+  the size 0.
 
 Phases (trainer.py; offload = `rl.offload`, on for CUDA by default), per GPU, each plus RESERVE:
 - rollout: trainer weights (+ FP8 copies, + KL reference), PRM weights and forward, both engines'
@@ -53,9 +46,7 @@ Phases (trainer.py; offload = `rl.offload`, on for CUDA by default), per GPU, ea
   sync buckets in flight.
 - host per node: offloaded Adam states and the weights of sleeping engines (level 1), per GPU, times
   the node's GPUs; at most HOST_USABLE of the node's memory.
-A phase over the GPU's memory (or the host over its share) is a one-line ConfigError that names the
-phase and the knobs to turn, from `--dry-run` and from `run_train` on a CUDA node before any rank
-starts work.
+A phase over the GPU's memory (or the host over its share) is refused by `validation.check_fits`.
 """
 
 from __future__ import annotations
@@ -64,76 +55,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from scope_mega.config import ConfigError, RunConfig, apply_overrides, from_dict
-from scope_mega.validation import load_config, validate
+from scope_mega.config import RunConfig
 
 GIB = 1024**3
-
-
-# ----------------------------------------------------------------------------- validation for a target
-
-
-def _target_check(cfg: RunConfig, target: str) -> None:
-    """Device-dependent checks of `validation.validate`, evaluated for `target` instead of this machine."""
-    from scope_mega.models.arch import load_hf_config
-
-    if target == "cuda":
-        if cfg.device == "cpu":
-            raise ConfigError("device=cpu cannot target a CUDA node; set device: auto (or cuda)")
-        impl = "te" if cfg.model.transformer_impl == "auto" else cfg.model.transformer_impl
-        if cfg.model.fp8.enabled:
-            if impl != "te":
-                raise ConfigError(
-                    "model.fp8.enabled needs Transformer Engine; set model.transformer_impl=te or auto"
-                )
-            hf = load_hf_config(cfg.model.hf_config)
-            tp = cfg.parallel.tp
-            dims = {"hidden_size": hf.hidden_size, "intermediate_size / tp": hf.intermediate_size / tp}
-            for name, value in dims.items():
-                if value % 16:
-                    raise ConfigError(f"FP8 GEMMs need multiples of 16: {name} = {value:g}")
-    elif cfg.device == "cuda":
-        raise ConfigError("device=cuda cannot target a CPU run; set device: auto or cpu")
-
-
-_DEVICE_NEUTRAL = ("device=cpu", "model.transformer_impl=local", "model.fp8.enabled=false")
-
-
-def load_config_for_target(
-    path: str | Path, overrides: list[str] = (), target: str | None = None
-) -> tuple[RunConfig, str, str | None]:
-    """(config, target, refusal_here). `target` None picks cuda for `device: auto|cuda` configs,
-    else cpu. `refusal_here` is the ConfigError a real run on this machine would stop with (None if
-    it would start). Structural mistakes raise ConfigError as `load_config` does."""
-    overrides = list(overrides)
-    # Everything that does not depend on the device (and file/YAML errors), checked by validation.validate.
-    load_config(path, [*overrides, *_DEVICE_NEUTRAL])
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    cfg = from_dict(RunConfig, apply_overrides(data, overrides))
-    if target is None:
-        target = "cpu" if cfg.device == "cpu" else "cuda"
-    if target not in ("cpu", "cuda"):
-        raise ConfigError(f"--target must be cpu or cuda, got {target!r}")
-    _target_check(cfg, target)
-    if target == "cpu":
-        validate(cfg)  # exactly what a run here checks
-        return cfg, "cpu", None
-    try:
-        validate(cfg)
-        refusal = None
-    except ConfigError as e:
-        refusal = str(e)
-    return cfg, "cuda", refusal
 
 
 # ----------------------------------------------------------------------------- parameter counts
 
 
 @dataclass(frozen=True)
-class Arch:
-    """The numbers the estimates need, from an HF config."""
+class ModelSize:
+    """The sizes the estimates need, read from an HF config (`models.arch` reads the same config for
+    Megatron): parameter counts per layer, per GPU and in all, KV-cache and activation bytes."""
 
     hidden: int
     layers: int
@@ -147,7 +80,7 @@ class Arch:
     qk_norm: bool
 
     @classmethod
-    def from_hf(cls, hf) -> Arch:
+    def from_hf(cls, hf) -> ModelSize:
         from scope_mega.models import arch
 
         return cls(
@@ -199,8 +132,8 @@ class Arch:
         return 2 * (replicated + sharded)
 
 
-def _arch_of_dir(path: str | None) -> Arch | None:
-    """The architecture in `<path>/config.json` (an HF directory) or `<path>/hf/config.json` (a
+def model_size_of_dir(path: str | None) -> ModelSize | None:
+    """The sizes of the model in `<path>/config.json` (an HF directory) or `<path>/hf/config.json` (a
     converted checkpoint) when that file is readable here, else None."""
     if path and (Path(path) / "hf" / "config.json").is_file():
         path = str(Path(path) / "hf")
@@ -209,7 +142,7 @@ def _arch_of_dir(path: str | None) -> Arch | None:
     import transformers
 
     try:
-        return Arch.from_hf(transformers.AutoConfig.from_pretrained(path, local_files_only=True))
+        return ModelSize.from_hf(transformers.AutoConfig.from_pretrained(path, local_files_only=True))
     except Exception:  # an architecture transformers does not know: no estimate, not an error
         return None
 
@@ -270,8 +203,8 @@ class EngineMemory:
 class Helper:
     """The PRM or the guide engine: its size and where the size came from."""
 
-    params: int
-    source: str  # "<path>/config.json" or "guide.prm_params_b"
+    params: int  # 0 when its size is not known here (source None)
+    source: str | None  # "<path>/config.json" or "guide.prm_params_b=N"; None: neither is known
     weights_per_gpu: int
     budget: int = 0  # an engine's share of the GPU (its weights and KV cache)
 
@@ -312,17 +245,17 @@ def default_world_size(cfg: RunConfig) -> int:
     return cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
 
 
-def _helper_params(path: str | None, stated_b: float | None, key: str) -> tuple[Arch | None, int, str]:
-    """(architecture if readable, parameter count, its source) of the PRM or guide model at `path`."""
-    arch = _arch_of_dir(path)
-    if arch is not None:
-        return arch, arch.total(), f"{path}/config.json"
+def _helper_params(
+    path: str | None, stated_b: float | None, key: str
+) -> tuple[ModelSize | None, int, str | None]:
+    """(sizes if readable, parameter count, its source) of the PRM or guide model at `path`; (None, 0,
+    None) when neither its config.json nor `guide.<key>` says."""
+    size = model_size_of_dir(path)
+    if size is not None:
+        return size, size.total(), f"{path}/config.json"
     if stated_b is not None:
         return None, int(stated_b * 1e9), f"guide.{key}={stated_b:g}"
-    raise ConfigError(
-        f"the memory plan needs the size of {path}: its config.json is not readable here; "
-        f"state it as guide.{key}=N (billions of parameters)"
-    )
+    return None, 0, None
 
 
 def make_plan(
@@ -335,18 +268,16 @@ def make_plan(
     host_memory_gib: float = 1024.0,
 ) -> Plan:
     """The layout and per-GPU memory of `cfg` on `world_size` GPUs of `gpu_memory_gib`, phase by phase,
-    and the host memory per node of `gpus_per_node` GPUs. Raises ConfigError, naming the phase and the
-    knobs, when a phase does not fit (checked for CUDA targets)."""
+    and the host memory per node of `gpus_per_node` GPUs. `cfg` is one `validation.validate` accepted
+    for `target` and this world size; the plan says what does not fit, `validation.check_fits` refuses it."""
     from scope_mega.models.arch import load_hf_config, padded_vocab_size
     from scope_mega.runtime.offload import offload_wanted
 
     par = cfg.parallel
     hf = load_hf_config(cfg.model.hf_config)
-    a = Arch.from_hf(hf)
+    a = ModelSize.from_hf(hf)
     model_parallel = par.tp * par.pp * par.cp
     world = world_size or default_world_size(cfg)
-    if world % model_parallel:
-        raise ConfigError(f"world size {world} is not a multiple of tp*pp*cp = {model_parallel}")
     dp = world // model_parallel
     padded = padded_vocab_size(a.vocab, cfg.model.make_vocab_size_divisible_by, par.tp)
     dtype = cfg.model.params_dtype
@@ -393,8 +324,6 @@ def make_plan(
     # rollout engine
     vllm = cfg.rollout.engine == "vllm"
     etp = cfg.rollout.vllm_tensor_parallel_size if vllm else 1
-    if world % etp:
-        raise ConfigError(f"world size {world} is not a multiple of rollout.vllm_tensor_parallel_size={etp}")
     wbytes = 1 if (vllm and cfg.rollout.vllm_fp8_weights) else (2 if target == "cuda" else 4)
     e_weights = a.total() * wbytes // etp
     kv_tok = a.kv_bytes_per_token(etp, 2 if target == "cuda" else 4)
@@ -430,11 +359,6 @@ def make_plan(
     prm_activations = 0
     if scope_on and cfg.guide.prm == "model":
         prm, n, source = _helper_params(cfg.guide.prm_path, cfg.guide.prm_params_b, "prm_params_b")
-        if prm is not None and prm.kv_heads % par.tp:  # as trainer.build_prm refuses it
-            raise ConfigError(
-                f"the PRM in {cfg.guide.prm_path} has {prm.kv_heads} KV heads; it runs at the trainer's "
-                f"parallel.tp={par.tp}, which must divide them"
-            )
         roles.append(Role("PRM (Megatron, forward only)", par.tp, par.pp, dp, source))
         helpers["prm"] = Helper(n, source, n * 2 // (par.tp * par.pp))  # bf16, the trainer's layout
         # one forward of PRM_BATCH sequences, one layer alive at a time (the policy's shape if unknown)
@@ -473,8 +397,6 @@ def make_plan(
         helpers=helpers,
         warnings=warnings,
     )
-    if target == "cuda":
-        check_fits(plan, cfg)
     return plan
 
 
@@ -534,160 +456,3 @@ def _phases(
             "guide engine weights": guide.weights_per_gpu if guide else 0,
         }
     return phases, host
-
-
-_KNOBS = {
-    "rollout": "lower rollout.vllm_gpu_memory_utilization or guide.vllm_gpu_memory_utilization, raise "
-    "rollout.vllm_tensor_parallel_size, or set rl.offload=on",
-    "update": "raise parallel.tp or parallel.pp, set parallel.distributed_optimizer=true, or lower "
-    "rollout.max_new_tokens or rl.micro_batch_size",
-    "sync": "raise rollout.vllm_tensor_parallel_size, lower rollout.sync_bucket_mb, or set rl.offload=on",
-}
-
-
-def check_fits(plan: Plan, cfg: RunConfig) -> None:
-    """A one-line ConfigError naming the first phase (or the host) that does not fit, and what to turn."""
-    e = plan.engine
-    if cfg.rollout.engine == "vllm" and e.max_sequences < 1:
-        raise ConfigError(
-            f"plan: the policy engine's KV cache ({e.kv_cache / GIB:.1f} GiB of a "
-            f"{e.budget / GIB:.1f} GiB budget after {e.weights / GIB:.1f} GiB of weights) holds no full "
-            f"{plan.seq_len}-token sequence: raise rollout.vllm_gpu_memory_utilization or "
-            "rollout.vllm_tensor_parallel_size, or lower rollout.max_new_tokens"
-        )
-    guide = plan.helpers.get("guide")
-    if guide and cfg.rollout.engine == "vllm" and guide.budget <= guide.weights_per_gpu:
-        raise ConfigError(
-            f"plan: the guide engine's budget ({guide.budget / GIB:.1f} GiB) does not hold its weights "
-            f"({guide.weights_per_gpu / GIB:.1f} GiB) and a KV cache: raise "
-            "guide.vllm_gpu_memory_utilization or rollout.vllm_tensor_parallel_size"
-        )
-    for phase in PHASES:
-        need = plan.phase_total(phase)
-        if need > plan.gpu_memory:
-            parts = sorted(plan.phases[phase].items(), key=lambda kv: -kv[1])[:4]
-            biggest = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts)
-            raise ConfigError(
-                f"plan: the {phase} phase needs {need / GIB:.1f} GiB per GPU of {plan.gpu_memory / GIB:g} "
-                f"({biggest}): {_KNOBS[phase]}"
-            )
-    usable = HOST_USABLE * plan.host_memory
-    if plan.host_per_node > usable:
-        raise ConfigError(
-            f"plan: host memory per node needs {plan.host_per_node / GIB:.0f} GiB of {usable / GIB:.0f} "
-            f"usable ({plan.gpus_per_node} GPUs x {sum(plan.host_per_gpu.values()) / GIB:.1f} GiB): set "
-            "rollout.vllm_sleep_level=2, rl.offload=off, or spread the job over more nodes"
-        )
-
-
-def check_memory_here(cfg: RunConfig, world_size: int) -> None:
-    """On a CUDA node, before any rank starts work: `make_plan` for this node's GPU and host memory, so
-    a phase that cannot fit stops the launch with its one-line ConfigError. Nothing on a CPU run."""
-    import psutil
-    import torch
-
-    from scope_mega.runtime.distributed import resolve_device
-
-    if resolve_device(cfg.device).type != "cuda":
-        return
-    gpus = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "0")) or 0)
-    make_plan(
-        cfg,
-        "cuda",
-        world_size,
-        torch.cuda.get_device_properties(0).total_memory / GIB,
-        gpus_per_node=gpus or torch.cuda.device_count(),
-        host_memory_gib=psutil.virtual_memory().total / GIB,
-    )
-
-
-def _gib(n: int | float) -> str:
-    return f"{n / GIB:7.2f} GiB"
-
-
-def format_plan(plan: Plan) -> str:
-    t, e = plan.trainer, plan.engine
-    lines = [
-        f"# plan (target: {plan.target}; world size {plan.world_size}; "
-        f"{plan.gpu_memory / GIB:g} GiB per GPU; params {plan.dtype})",
-    ]
-    if plan.refusal_here:
-        lines.append(
-            f"# note: validated for {plan.target}; a run on THIS machine would stop: {plan.refusal_here}"
-        )
-    lines += [
-        f"model: {plan.params / 1e9:.3f} B parameters (HF count), padded vocab {plan.padded_vocab}, "
-        f"sequence {plan.seq_len} tokens",
-        "",
-        "layout:",
-    ]
-    for r in plan.roles:
-        if r.tp:
-            lines.append(
-                f"  {r.name:34s} TP={r.tp} PP={r.pp} {'DP=' if 'trainer' in r.name else 'replicas='}{r.dp}  "
-                f"{r.note}"
-            )
-        else:
-            lines.append(f"  {r.name:34s} {r.note}")
-    adam_used = "distributed" if t.distributed_optimizer else "replicated"
-    lines += [
-        "",
-        f"policy trainer memory per GPU ({t.params_per_gpu / 1e9:.3f} B params on the heaviest stage):",
-        f"  weights                 {_gib(t.weights)}",
-        f"  grads (fp32)            {_gib(t.grads)}",
-        f"  Adam states             {_gib(t.adam)} replicated / {_gib(t.adam_distributed)} distributed"
-        f" (using {adam_used})",
-        f"  FP8 weight copies       {_gib(t.fp8_weights)}",
-        f"  activations (rough)     {_gib(t.activations)} ({t.micro_batches_in_flight} micro batch(es) in "
-        f"flight x {t.tokens_per_micro_batch} tokens)",
-        f"  total                   {_gib(t.total)}",
-        "",
-        f"rollout engine memory per GPU (TP={e.tp}):",
-        f"  weights                 {_gib(e.weights)}",
-        f"  budget                  {_gib(e.budget)}",
-        f"  KV cache                {_gib(e.kv_cache)} = {e.max_tokens} tokens "
-        f"({e.kv_bytes_per_token} B/token), {e.max_sequences} full sequences per replica",
-    ]
-    for name, h in plan.helpers.items():
-        budget = f", budget {_gib(h.budget).strip()}" if h.budget else ""
-        size = f"weights per GPU {_gib(h.weights_per_gpu).strip()}{budget}"
-        lines.append(f"{name}: {h.params / 1e9:.2f} B params ({h.source}); {size}")
-    lines += ["", *format_phases(plan)]
-    lines += [f"WARNING: {w}" for w in plan.warnings]
-    return "\n".join(lines)
-
-
-def format_phases(plan: Plan) -> list[str]:
-    """The per-phase table: every component's GiB per GPU in rollout, update and sync."""
-    names = list(plan.phases["update"] | plan.phases["rollout"] | plan.phases["sync"])  # update's order
-    lines = [
-        f"memory per GPU by phase, GiB (offload {'on' if plan.offload else 'off'}; "
-        f"{plan.gpu_memory / GIB:g} GiB per GPU):",
-        f"  {'':28s}" + "".join(f"{p:>10s}" for p in PHASES),
-    ]
-    for k in names:
-        cells = [plan.phases[p].get(k, 0) / GIB for p in PHASES]
-        lines.append(f"  {k:28s}" + "".join(f"{c:10.2f}" if c else f"{'-':>10s}" for c in cells))
-    totals = [plan.phase_total(p) / GIB for p in PHASES]
-    lines.append(f"  {'total':28s}" + "".join(f"{c:10.2f}" for c in totals))
-    if plan.host_per_gpu:
-        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in plan.host_per_gpu.items() if v)
-        lines.append(
-            f"host memory per node ({plan.gpus_per_node} GPUs): {plan.host_per_node / GIB:.1f} GiB of "
-            f"{plan.host_memory / GIB:g} ({parts or 'nothing'} GiB per GPU)"
-        )
-    return lines
-
-
-def add_plan_arguments(parser) -> None:
-    """Dry-run options of `train`: the target device and the cluster the plan is for."""
-    parser.add_argument(
-        "--target",
-        choices=["cpu", "cuda"],
-        default=None,
-        help="validate for this device (default: from config)",
-    )
-    parser.add_argument("--world-size", type=int, default=None, help="GPUs in the job (plan)")
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU (plan)")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (host memory plan)")
-    parser.add_argument("--host-memory-gib", type=float, default=1024.0, help="host memory per node (plan)")

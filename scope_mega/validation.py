@@ -1,57 +1,114 @@
-"""Checks of a whole `RunConfig` that need the resolved architecture or the device (heads and KV
-groups vs TP, layers vs PP, FP8 vs Transformer Engine), and `load_config`, which runs them.
+"""Every check of a whole `RunConfig` beyond its fields' own (types, choices and ranges, which `config`
+checks as it builds the dataclasses), behind one `validate(cfg, target, world_size, stage)`. A
+mistake is a one-line `ConfigError` that names the key and the fix; the CLI prints it and exits 2.
 
-What `models.arch` cannot build (its `ArchError`) is reported as the same one-line `ConfigError`.
+`validate` runs, in this order (each a function below):
+- `_check_sections`: rules across sections (context parallel, the overlong buffer, the LR decay, THD
+  packing's token budget, the SFT batch).
+- `_check_layout`: every model the config names against the parallel layout: the policy's heads, KV
+  groups and layers vs TP / PP, what `models.arch` cannot build (family, rope scaling, sliding window;
+  its `ArchError` becomes a `ConfigError`), and the PRM's KV heads vs TP where its config.json is
+  readable here.
+- `_check_device`, for `target`: None is this machine (`device` resolved here, Transformer Engine
+  where it imports); "cuda" is a CUDA node seen from anywhere, a CPU login node included
+  (`transformer_impl: auto` resolves to TE, the `[gpu]` extra assumed installed there; FP8 is
+  accepted with TE and refused with `transformer_impl: local`); "cpu" is a CPU run. FP8 GEMM shapes
+  must be multiples of 16.
+- with `world_size` (the launch's; None: unknown, these are skipped): the world must hold whole
+  TP x PP x CP model replicas.
+- `stage="sft"`: the task's inputs and the SFT batch over the data-parallel ranks.
+- `stage="rl"` (`_check_trainer`): what the RL trainer can run: vLLM against the world size and the
+  models' heads, the oracle guide and PRM (Countdown only), the guide engine, off-policy clipping, the
+  KL reference's starting weights, the PRM checkpoint, the task's inputs, the RL batch over the
+  data-parallel ranks, and on a CUDA node the memory plan for this node (`check_memory_here`).
+
+`load_config` (`parse_config` + `validate(cfg)`) is what `scope-mega sft|train CONFIG` reads a config
+with; `load_config_for_target` and `checked_plan` are `train --dry-run`'s: the config checked for a
+target device, and its memory plan (`plan.make_plan`) refused in one line where a phase does not fit.
+
+Imports `config`, `models.arch` and `runtime.distributed`; inside functions the estimate (`plan`),
+`run_dir` and `rollout.vllm_engine.vllm_support_problem`. Imported by the stages (`stage`), the CLI
+and the converters (`convert`, `weights.hf_to_megatron`).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from scope_mega.config import ConfigError, RunConfig, parse_config
-from scope_mega.models.arch import ArchError, check_transformer_impl, load_hf_config
+from scope_mega.models import arch
 from scope_mega.runtime.distributed import resolve_device
+
+if TYPE_CHECKING:
+    import transformers
+
+    from scope_mega.plan import Plan
+
+StageName = Literal["sft", "rl"]
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML file, apply dotted overrides, build and validate a `RunConfig`."""
+    """Read a YAML file, apply dotted overrides, build and validate a `RunConfig` for this machine."""
     cfg = parse_config(path, overrides)
     validate(cfg)
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that need the resolved architecture (heads vs TP, layers vs PP, FP8 vs TE)."""
-    par = cfg.parallel
-    if par.cp != 1:
+def validate(
+    cfg: RunConfig, target: str | None = None, world_size: int | None = None, stage: StageName | None = None
+) -> None:
+    """Every check (module docstring) of `cfg` for `target` ("cpu" / "cuda"; None: this machine), a
+    launch of `world_size` processes (None: unknown, the checks that need it are skipped), and the
+    stage it starts (None: only what every stage needs)."""
+    _check_sections(cfg)
+    hf = _check_layout(cfg)
+    _check_device(cfg, hf, target)
+    if world_size is not None:
+        _check_world(cfg, world_size)
+    if stage == "sft":
+        _check_task(cfg, target)
+        if world_size is not None:
+            _check_sft_batch(cfg, world_size)
+    elif stage == "rl":
+        _check_trainer(cfg, world_size, target)
+
+
+def load_config_for_target(
+    path: str | Path, overrides: list[str] = (), target: str | None = None
+) -> tuple[RunConfig, str, str | None]:
+    """(config, target, refusal_here) for `train --dry-run`: `cfg` validated for `target` (None picks
+    cuda for `device: auto|cuda` configs, else cpu); `refusal_here` is the ConfigError a run on this
+    machine would stop with, None if it would start."""
+    cfg = parse_config(path, overrides)
+    if target is None:
+        target = "cpu" if cfg.device == "cpu" else "cuda"
+    if target not in ("cpu", "cuda"):
+        raise ConfigError(f"--target must be cpu or cuda, got {target!r}")
+    validate(cfg, target)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        return cfg, target, str(e)
+    return cfg, target, None
+
+
+# ----------------------------------------------------------------------------- every stage
+
+
+def _arch(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` from `models.arch`, what it cannot build as a one-line ConfigError."""
+    try:
+        return fn(*args)
+    except arch.ArchError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_sections(cfg: RunConfig) -> None:
+    if cfg.parallel.cp != 1:
         raise ConfigError("parallel.cp > 1 (context parallel) is not supported yet; set parallel.cp=1")
-    try:
-        hf = load_hf_config(cfg.model.hf_config)
-    except ArchError as e:
-        raise ConfigError(str(e)) from None
-    heads, kv = hf.num_attention_heads, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    if heads % par.tp:
-        raise ConfigError(
-            f"parallel.tp={par.tp} does not divide num_attention_heads={heads}; choose a divisor of {heads}"
-        )
-    if kv % par.tp:
-        raise ConfigError(
-            f"parallel.tp={par.tp} does not divide num_key_value_heads={kv} (KV groups); "
-            f"choose a divisor of {kv}"
-        )
-    if hf.num_hidden_layers % par.pp:
-        raise ConfigError(
-            f"parallel.pp={par.pp} does not divide num_hidden_layers={hf.num_hidden_layers}; "
-            f"choose a divisor of {hf.num_hidden_layers}"
-        )
-    try:
-        device = resolve_device(cfg.device)
-    except RuntimeError as e:
-        raise ConfigError(str(e)) from None
-    try:
-        check_transformer_impl(cfg.model, device)
-    except ArchError as e:
-        raise ConfigError(str(e)) from None
     if cfg.rl.overlong == "penalty" and not 1 <= cfg.rl.overlong_buffer <= cfg.rollout.max_new_tokens:
         raise ConfigError(
             f"rl.overlong=penalty needs 1 <= rl.overlong_buffer <= rollout.max_new_tokens="
@@ -72,3 +129,304 @@ def validate(cfg: RunConfig) -> None:
             f"sft.global_batch_size={cfg.sft.global_batch_size} is not a multiple of "
             f"sft.micro_batch_size={cfg.sft.micro_batch_size}"
         )
+
+
+def _check_layout(cfg: RunConfig) -> transformers.PretrainedConfig:
+    """The policy's and the PRM's shapes against TP / PP; returns the policy's HF config."""
+    par = cfg.parallel
+    hf = _arch(arch.load_hf_config, cfg.model.hf_config)
+    heads, kv = hf.num_attention_heads, arch.num_kv_heads(hf)
+    if heads % par.tp:
+        raise ConfigError(
+            f"parallel.tp={par.tp} does not divide num_attention_heads={heads}; choose a divisor of {heads}"
+        )
+    if kv % par.tp:
+        raise ConfigError(
+            f"parallel.tp={par.tp} does not divide num_key_value_heads={kv} (KV groups); "
+            f"choose a divisor of {kv}"
+        )
+    if hf.num_hidden_layers % par.pp:
+        raise ConfigError(
+            f"parallel.pp={par.pp} does not divide num_hidden_layers={hf.num_hidden_layers}; "
+            f"choose a divisor of {hf.num_hidden_layers}"
+        )
+    _arch(arch.rope_scaling, hf)
+    _arch(arch.check_sliding_window, hf)
+    if _prm_model_in_use(cfg):
+        from scope_mega.plan import model_size_of_dir
+
+        prm = model_size_of_dir(cfg.guide.prm_path)
+        if prm is not None and prm.kv_heads % par.tp:
+            raise ConfigError(
+                f"the PRM in {cfg.guide.prm_path} has {prm.kv_heads} KV heads; it runs at the trainer's "
+                f"parallel.tp={par.tp}, which must divide them"
+            )
+    return hf
+
+
+def _prm_model_in_use(cfg: RunConfig) -> bool:
+    """SCOPE runs with a Megatron PRM (the trainer builds one)."""
+    return cfg.scope.enabled and cfg.scope.active_method != "grpo" and cfg.guide.prm == "model"
+
+
+def _check_device(cfg: RunConfig, hf: transformers.PretrainedConfig, target: str | None) -> None:
+    if target == "cuda" and cfg.device == "cpu":
+        raise ConfigError("device=cpu cannot target a CUDA node; set device: auto (or cuda)")
+    if target == "cpu" and cfg.device == "cuda":
+        raise ConfigError("device=cuda cannot target a CPU run; set device: auto or cpu")
+    if target is None:
+        try:
+            device = resolve_device(cfg.device)
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
+        impl = _arch(arch.check_transformer_impl, cfg.model, device)
+    else:
+        impl = _arch(arch.resolve_transformer_impl, cfg.model, target == "cuda")
+    if impl == "te" and cfg.model.fp8.enabled:
+        dims = {
+            "hidden_size": hf.hidden_size,
+            "intermediate_size / tp": hf.intermediate_size / cfg.parallel.tp,
+        }
+        for name, value in dims.items():
+            if value % 16:
+                raise ConfigError(f"FP8 GEMMs need multiples of 16: {name} = {value:g}")
+
+
+def _check_world(cfg: RunConfig, world_size: int) -> None:
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
+    if world_size % model_parallel:
+        raise ConfigError(f"world size {world_size} is not a multiple of tp*pp*cp = {model_parallel}")
+
+
+def _data_parallel(cfg: RunConfig, world_size: int) -> int:
+    return world_size // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
+
+
+def _check_task(cfg: RunConfig, target: str | None) -> None:
+    """The math task's inputs are named (and, for a run here, exist)."""
+    data = cfg.data
+    if data.task != "math":
+        return
+    if not data.tokenizer:
+        raise ConfigError("data.task=math needs data.tokenizer (a Hugging Face tokenizer directory)")
+    for key in ("train_files", "eval_files"):
+        if not getattr(data, key):
+            raise ConfigError(f"data.task=math needs data.{key} (JSON Lines in a benchmark format)")
+    if target is None:
+        for path in [*data.train_files, *data.eval_files, data.tokenizer]:
+            if not Path(path).exists():
+                raise ConfigError(f"{path} does not exist (data.train_files / eval_files / tokenizer)")
+
+
+# ----------------------------------------------------------------------------- the SFT stage
+
+
+def _check_sft_batch(cfg: RunConfig, world_size: int) -> None:
+    dp = _data_parallel(cfg, world_size)
+    if cfg.sft.global_batch_size % (cfg.sft.micro_batch_size * dp):
+        raise ConfigError(
+            f"sft.global_batch_size={cfg.sft.global_batch_size} must be a multiple of "
+            f"sft.micro_batch_size x data-parallel size = {cfg.sft.micro_batch_size} x {dp}"
+        )
+
+
+# ----------------------------------------------------------------------------- the RL stage
+
+
+def _check_trainer(cfg: RunConfig, world_size: int | None, target: str | None) -> None:
+    """What the RL trainer cannot run as configured, before any process starts work. A plan for
+    another machine (`target`) skips what only this machine's files could tell."""
+    if cfg.rollout.engine == "vllm":
+        _check_vllm(cfg, world_size, target)
+    countdown_only = {
+        "scope.guide=oracle": cfg.scope.enabled and cfg.scope.guide == "oracle",
+        "guide.prm=oracle": cfg.guide.prm == "oracle" and cfg.scope.enabled,
+    }
+    for what, asked in countdown_only.items():
+        if asked and cfg.data.task != "countdown":
+            raise ConfigError(
+                f"{what} is Countdown's solver/checker; data.task={cfg.data.task} needs a model"
+            )
+    if cfg.scope.enabled and cfg.scope.guide == "engine" and not cfg.guide.guide_model:
+        raise ConfigError("scope.guide=engine needs guide.guide_model (a Hugging Face model directory)")
+    if cfg.loss.off_policy == "clip" and not (cfg.scope.enabled and cfg.scope.guide == "engine"):
+        raise ConfigError(
+            "loss.off_policy=clip needs the guide's logprobs: set scope.guide=engine, or use "
+            "loss.off_policy=shaping"
+        )
+    if cfg.loss.kl_coef > 0 and _rl_start_weights(cfg) is None:
+        raise ConfigError(
+            "loss.kl_coef > 0 needs the starting weights as the reference: set rl.init_from or run the "
+            "SFT stage into this run directory first"
+        )
+    if cfg.scope.enabled and cfg.guide.prm == "model" and not cfg.guide.prm_path:
+        raise ConfigError("guide.prm=model needs guide.prm_path (a converted PRM checkpoint directory)")
+    if target is None and world_size is not None:
+        check_memory_here(cfg, world_size)
+    _check_task(cfg, target)
+    if world_size is not None:
+        _check_rl_batch(cfg, world_size)
+    if target is None and _prm_model_in_use(cfg):
+        path = Path(cfg.guide.prm_path)
+        if not (path / "model").is_dir() or not (path / "hf").is_dir():
+            raise ConfigError(
+                f"guide.prm_path={path} is not a converted checkpoint (no model/ and hf/); convert the HF "
+                f"PRM with: scope-mega convert hf-to-megatron --hf-dir HF_PRM_DIR --out {path}"
+            )
+
+
+def _rl_start_weights(cfg: RunConfig) -> Path | None:
+    from scope_mega.run_dir import rl_start_weights
+
+    try:
+        return rl_start_weights(cfg.run_dir, cfg.rl.init_from)
+    except FileNotFoundError as e:  # a `latest` marker that points to an incomplete checkpoint
+        raise ConfigError(str(e)) from None
+
+
+def _check_vllm(cfg: RunConfig, world_size: int | None, target: str | None) -> None:
+    """What vLLM cannot serve as configured: its TP against the world size and the policy's (and an
+    engine guide's) heads, CPU attention's head sizes, FP8 weights without CUDA. The guide is served
+    by a second engine at the policy engine's TP (vLLM keeps one TP layout per process). A plan for
+    another machine (`target`) skips a guide whose directory is not on this one."""
+    from scope_mega.rollout.vllm_engine import vllm_support_problem
+
+    tp = cfg.rollout.vllm_tensor_parallel_size
+    if world_size is not None:
+        _check_engine_world(cfg, world_size)
+    on_cpu = (target or resolve_device(cfg.device).type) == "cpu"
+    if on_cpu and cfg.rollout.vllm_fp8_weights:
+        raise ConfigError("rollout.vllm_fp8_weights needs CUDA (vLLM's CPU build cannot serve FP8)")
+    models = {"the policy": cfg.model.hf_config}
+    guide = cfg.guide.guide_model if cfg.scope.enabled and cfg.scope.guide == "engine" else None
+    if guide and (target is None or (Path(guide) / "config.json").is_file()):
+        models["the guide (guide.guide_model)"] = guide
+    for what, source in models.items():
+        if problem := vllm_support_problem(_arch(arch.load_hf_config, source), tp, on_cpu):
+            raise ConfigError(f"rollout.engine=vllm cannot serve {what}: {problem}")
+
+
+def _check_engine_world(cfg: RunConfig, world_size: int) -> None:
+    tp = cfg.rollout.vllm_tensor_parallel_size
+    if cfg.rollout.engine == "vllm" and world_size % tp:
+        raise ConfigError(
+            f"rollout.vllm_tensor_parallel_size={tp} must divide the world size {world_size} "
+            "(vLLM runs world / TP replicas, one worker on every rank)"
+        )
+
+
+def _check_rl_batch(cfg: RunConfig, world_size: int) -> None:
+    dp = _data_parallel(cfg, world_size)
+    if cfg.rl.prompts_per_step % dp:
+        raise ConfigError(
+            f"rl.prompts_per_step={cfg.rl.prompts_per_step} must be divisible by the DP size {dp}"
+        )
+    seqs = cfg.rl.prompts_per_step // dp * cfg.rl.group_size
+    n_micro = -(-seqs // cfg.rl.micro_batch_size)
+    if cfg.rl.max_tokens_per_micro_batch is None and n_micro < cfg.rl.ppo_mini_batches:
+        raise ConfigError(
+            f"rl.ppo_mini_batches={cfg.rl.ppo_mini_batches} is more than the {n_micro} micro-batches of "
+            f"rl.micro_batch_size={cfg.rl.micro_batch_size} that {seqs} sequences per DP rank make: "
+            "lower one of them"
+        )
+
+
+# ----------------------------------------------------------------------------- the memory plan
+
+_HELPER_SIZES = {"prm": ("prm_path", "prm_params_b"), "guide": ("guide_model", "guide_params_b")}
+
+_KNOBS = {
+    "rollout": "lower rollout.vllm_gpu_memory_utilization or guide.vllm_gpu_memory_utilization, raise "
+    "rollout.vllm_tensor_parallel_size, or set rl.offload=on",
+    "update": "raise parallel.tp or parallel.pp, set parallel.distributed_optimizer=true, or lower "
+    "rollout.max_new_tokens or rl.micro_batch_size",
+    "sync": "raise rollout.vllm_tensor_parallel_size, lower rollout.sync_bucket_mb, or set rl.offload=on",
+}
+
+
+def checked_plan(
+    cfg: RunConfig,
+    target: str = "cuda",
+    world_size: int | None = None,
+    gpu_memory_gib: float = 80.0,
+    refusal_here: str | None = None,
+    gpus_per_node: int = 8,
+    host_memory_gib: float = 1024.0,
+) -> Plan:
+    """`plan.make_plan` (same arguments) of a config `validate` accepted for `target`, refused in one
+    line where the world does not hold whole model and engine replicas, where a helper model's size
+    is unknown, or, for a CUDA target, where a phase does not fit (`check_fits`)."""
+    from scope_mega.plan import default_world_size, make_plan
+
+    world = world_size or default_world_size(cfg)
+    _check_world(cfg, world)
+    _check_engine_world(cfg, world)
+    plan = make_plan(cfg, target, world, gpu_memory_gib, refusal_here, gpus_per_node, host_memory_gib)
+    for name, helper in plan.helpers.items():
+        if helper.source is None:
+            path_key, size_key = _HELPER_SIZES[name]
+            raise ConfigError(
+                f"the memory plan needs the size of {getattr(cfg.guide, path_key)}: its config.json is not "
+                f"readable here; state it as guide.{size_key}=N (billions of parameters)"
+            )
+    if target == "cuda":
+        check_fits(plan, cfg)
+    return plan
+
+
+def check_fits(plan: Plan, cfg: RunConfig) -> None:
+    """A one-line ConfigError naming the first phase (or the host) that does not fit, and what to turn."""
+    from scope_mega.plan import GIB, HOST_USABLE, PHASES
+
+    e = plan.engine
+    if cfg.rollout.engine == "vllm" and e.max_sequences < 1:
+        raise ConfigError(
+            f"plan: the policy engine's KV cache ({e.kv_cache / GIB:.1f} GiB of a "
+            f"{e.budget / GIB:.1f} GiB budget after {e.weights / GIB:.1f} GiB of weights) holds no full "
+            f"{plan.seq_len}-token sequence: raise rollout.vllm_gpu_memory_utilization or "
+            "rollout.vllm_tensor_parallel_size, or lower rollout.max_new_tokens"
+        )
+    guide = plan.helpers.get("guide")
+    if guide and cfg.rollout.engine == "vllm" and guide.budget <= guide.weights_per_gpu:
+        raise ConfigError(
+            f"plan: the guide engine's budget ({guide.budget / GIB:.1f} GiB) does not hold its weights "
+            f"({guide.weights_per_gpu / GIB:.1f} GiB) and a KV cache: raise "
+            "guide.vllm_gpu_memory_utilization or rollout.vllm_tensor_parallel_size"
+        )
+    for phase in PHASES:
+        need = plan.phase_total(phase)
+        if need > plan.gpu_memory:
+            parts = sorted(plan.phases[phase].items(), key=lambda kv: -kv[1])[:4]
+            biggest = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts)
+            raise ConfigError(
+                f"plan: the {phase} phase needs {need / GIB:.1f} GiB per GPU of {plan.gpu_memory / GIB:g} "
+                f"({biggest}): {_KNOBS[phase]}"
+            )
+    usable = HOST_USABLE * plan.host_memory
+    if plan.host_per_node > usable:
+        raise ConfigError(
+            f"plan: host memory per node needs {plan.host_per_node / GIB:.0f} GiB of {usable / GIB:.0f} "
+            f"usable ({plan.gpus_per_node} GPUs x {sum(plan.host_per_gpu.values()) / GIB:.1f} GiB): set "
+            "rollout.vllm_sleep_level=2, rl.offload=off, or spread the job over more nodes"
+        )
+
+
+def check_memory_here(cfg: RunConfig, world_size: int) -> None:
+    """On a CUDA node, before any rank starts work: `checked_plan` for this node's GPU and host memory,
+    so a phase that cannot fit stops the launch with its one-line ConfigError. Nothing on a CPU run."""
+    import psutil
+    import torch
+
+    from scope_mega.plan import GIB
+
+    if resolve_device(cfg.device).type != "cuda":
+        return
+    gpus = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "0")) or 0)
+    checked_plan(
+        cfg,
+        "cuda",
+        world_size,
+        torch.cuda.get_device_properties(0).total_memory / GIB,
+        gpus_per_node=gpus or torch.cuda.device_count(),
+        host_memory_gib=psutil.virtual_memory().total / GIB,
+    )

@@ -10,7 +10,9 @@ import pytest
 from scope_mega.cli import main
 from scope_mega.config import ConfigError
 from scope_mega.models.arch import load_hf_config
-from scope_mega.plan import GIB, PHASES, RESERVE, SLEEPING_ENGINE, Arch, load_config_for_target, make_plan
+from scope_mega.plan import GIB, PHASES, RESERVE, SLEEPING_ENGINE, make_plan
+from scope_mega.plan import ModelSize as Arch
+from scope_mega.validation import load_config_for_target
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CLUSTER = {  # example -> (world size, expected trainer layout line, HF parameter count)
