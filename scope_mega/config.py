@@ -1,9 +1,11 @@
 """Typed run configuration: dataclasses, YAML loading, dotted `key=value` overrides, field checks.
 
 Every error a user can make in a config raises `ConfigError` with a one-line message that names the
-key and the fix; the CLI prints that line and exits with status 2 (no traceback). This module sits
-at the bottom of the import graph: checks that need the model architecture or the device live in
-`validation`, above it.
+key and the fix; the CLI prints that line and exits with status 2 (no traceback). This module checks
+each field (types, choices, ranges) and imports only `ranges` and the option dataclasses of the
+packages it configures (`data.countdown`, `rl.advantages`, `rl.loss`, `scope.config`; Python loads
+the `scope` and `rewards` packages with them), none of which imports it back. Checks across
+sections, or that need the model architecture, the device or the launch, live in `validation`.
 """
 
 from __future__ import annotations
