@@ -180,7 +180,7 @@ class VLLMEngine:
         if problem := vllm_support_problem(hf_config, tensor_parallel_size, on_cpu=not on_cuda):
             raise ConfigError(f"{model_dir}: {problem}")
         if quantization and not on_cuda:
-            raise ConfigError(f"vLLM's CPU build cannot serve quantization={quantization!r}; it needs CUDA")
+            raise ValueError(f"vLLM's CPU build cannot serve quantization={quantization!r}; it needs CUDA")
         vllm = import_vllm()
         if not on_cuda:
             _launch_unique_cpu_shm_names()
