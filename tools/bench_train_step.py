@@ -71,7 +71,7 @@ def _measure(args, p: dict, hf: dict, dtype: str, device: torch.device, fp8: boo
     micro-batches in the padded or THD layout, print."""
     from scope_mega.config import FP8Config, ModelConfig, OptimConfig, ParallelConfig, RunConfig
     from scope_mega.models.gpt import build_gpt_model
-    from scope_mega.plan import Arch
+    from scope_mega.plan import ModelSize
     from scope_mega.train_step import setup_training, train_step
     from scope_mega.trainer import Sample, rl_loss, to_micro_batches
 
@@ -107,7 +107,7 @@ def _measure(args, p: dict, hf: dict, dtype: str, device: torch.device, fp8: boo
     step()  # warm-up
     seconds = min(step() for _ in range(args.steps))
 
-    arch = Arch.from_hf(spec.hf_config)
+    arch = ModelSize.from_hf(spec.hf_config)
     matmul_params = arch.layers * arch.layer_sharded() + arch.vocab * arch.hidden  # + the output layer
     # query x key positions: every row against its padded length, or every THD segment against itself
     pairs = sum(
