@@ -13,7 +13,7 @@ parameter must be bound by the `qwen2_prm` mapping and written by the load, othe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +113,15 @@ def build_prm_model(
     return model, ModelSpec(hf, hf.vocab_size, padded, impl, config.params_dtype)
 
 
-def load_prm_weights(path: str | Path, model: torch.nn.Module, spec: ModelSpec) -> None:
-    """Load a converted checkpoint `<path>/model` (any TP/PP) into this stage, and fail unless every
-    parameter was both mapped (`qwen2_prm` rules) and written by the load.
+def load_prm_weights(
+    path: str | Path,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    load: Callable[[str | Path, torch.nn.Module], None] | None = None,
+) -> None:
+    """Load a converted checkpoint `<path>/model` (any TP/PP) into this stage with `load` (default:
+    `weights.megatron_ckpt.load_model_weights`), and fail unless every parameter was both mapped
+    (`qwen2_prm` rules) and written by the load.
 
     Parameters are poisoned with NaN first, so one the load did not write is caught whatever the
     loader's own strictness; a checkpoint holding NaN fails too, which is what we want.
@@ -125,13 +131,15 @@ def load_prm_weights(path: str | Path, model: torch.nn.Module, spec: ModelSpec) 
     from scope_mega.weights.mapping import ConversionError, bind_parameters, some_names, unwrap
     from scope_mega.weights.megatron_ckpt import load_model_weights
 
+    load = load or load_model_weights
+
     bind_parameters(model, spec.hf_config)  # raises on a parameter no rule maps
     params = dict(unwrap(model).named_parameters())
     with torch.no_grad():
         for p in params.values():
             p.fill_(float("nan"))
     try:
-        load_model_weights(path, model)
+        load(path, model)
     except (Exception, CheckpointException) as err:
         first = str(err).strip().splitlines()
         raise ConversionError(f"loading the PRM from {path} failed: {first[-1] if first else err!r}") from err
