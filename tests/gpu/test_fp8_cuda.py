@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _requires import NEEDS_TE, NEEDS_VLLM
 from _shapes import ONE_B
 
 pytestmark = [
@@ -35,10 +36,10 @@ def _rl_steps(run: Path) -> list[dict]:
     return [m for m in rows if m.get("stage") == "rl" and "loss" in m]
 
 
+@NEEDS_VLLM
 def test_vllm_serves_the_fp8_export(tmp_path):
     """The export loads in vLLM as a modelopt FP8 checkpoint, every Linear in FP8, and its sampled
     tokens' logprobs stay close to the bf16 model's (figures printed)."""
-    pytest.importorskip("vllm")
     from _tiny_models import countdown_policy_run
 
     from scope_mega.rollout import SamplingParams, make_engine
@@ -69,12 +70,12 @@ def test_vllm_serves_the_fp8_export(tmp_path):
     assert diff.mean() < 0.1
 
 
+@NEEDS_VLLM
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_fp8_rollout_mismatch(tmp_path, fp8):
     """Two RL steps of the tiny config with vLLM rollouts in bf16 or FP8 weights (vLLM's own
     quantization on every reload); the logged rollout/trainer logprob mismatch is printed, and FP8's
     stays bounded (loss.tis_cap is the correction for it)."""
-    pytest.importorskip("vllm")
     run = tmp_path / "run"
     _cli(
         "train", str(REPO / "examples/tiny_cpu.yaml"), f"run_dir={run}", "device=cuda", "wandb_mode=disabled",
@@ -88,11 +89,11 @@ def test_fp8_rollout_mismatch(tmp_path, fp8):
     assert all(x < (0.5 if fp8 else 1e-2) for x in mismatch)
 
 
+@NEEDS_TE
 def test_te_fp8_training_tracks_bf16(tmp_path):
     """20 SFT steps of a 1.1B model from the same initialisation with Transformer Engine in bf16 and in
     FP8 (delayed scaling, hybrid format): the mean relative loss difference over the steps stays
     within 5%. The losses are printed."""
-    pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed on this machine")
     losses = {}
     for fp8 in (False, True):
         run = tmp_path / f"fp8_{fp8}"

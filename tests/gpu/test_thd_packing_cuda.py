@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _requires import NEEDS_TE
 
 from scope_mega.runtime.spawn import spawn_local
 
@@ -19,8 +20,8 @@ pytestmark = [
 ]
 
 
+@NEEDS_TE
 def test_thd_rows_on_transformer_engine_match_padded_rows(tmp_path):
-    pytest.importorskip("transformer_engine")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))  # spawned children too
     from test_packing_trainer import _worker
 

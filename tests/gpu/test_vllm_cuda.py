@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from _requires import NEEDS_VLLM
 from _shapes import ONE_B
 
 from scope_mega.rollout import SamplingParams, make_engine
@@ -47,8 +48,8 @@ def _mismatch(model, completion) -> float:
     return (ref.cpu() - torch.tensor(completion.logprobs, dtype=torch.float64)).abs().max().item()
 
 
+@NEEDS_VLLM
 def test_sleep_frees_memory_and_sync_parity_holds_across_it(tmp_path):
-    pytest.importorskip("vllm")
     torch.manual_seed(0)
     a = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG))
     a.save_pretrained(tmp_path)
@@ -71,8 +72,8 @@ def test_sleep_frees_memory_and_sync_parity_holds_across_it(tmp_path):
     assert max(_mismatch(b, c) for c in out) < 1e-4
 
 
+@NEEDS_VLLM
 def test_one_rl_step_with_vllm_records_phase_memory(tmp_path):
-    pytest.importorskip("vllm")
     run = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -112,11 +113,11 @@ ONE_B_VLLM = [
 ]
 
 
+@NEEDS_VLLM
 def test_plan_against_measured_memory_for_a_1b_model(tmp_path):
     """Two RL steps of a 1.1B model with vLLM and offload (rl.offload=auto is on for CUDA); each phase's
     device memory in use at its end (`memory/<phase>_used_gib`, vLLM included) must stay within the
     dry-run plan's total for that phase on this GPU. Prints both, for the record."""
-    pytest.importorskip("vllm")
     from scope_mega.plan import GIB, PHASES, make_plan
     from scope_mega.validation import load_config
 
