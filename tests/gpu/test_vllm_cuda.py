@@ -1,7 +1,8 @@
 """vLLM on a CUDA device: sleep releases GPU memory and wake restores it (weights before the KV
-cache), sync parity holds across sleep; and one trainer RL step with vLLM, recording the peak memory
-of each phase. Skipped without CUDA (and without vLLM); run with `pytest -q tests/gpu` on a GPU
-machine after `pip install -e '.[gpu]'`."""
+cache), sync parity holds across sleep; one trainer RL step with vLLM, recording the peak memory
+of each phase; and the memory plan against what a 1B model's RL steps use, with vLLM and with the
+transformers engine. Skipped without CUDA, and those with vLLM without vLLM; run with
+`pytest -q tests/gpu` on a GPU machine after `pip install -e '.[gpu]'`."""
 
 import json
 import os
@@ -102,10 +103,8 @@ def test_one_rl_step_with_vllm_records_phase_memory(tmp_path):
     assert {"memory/rollout_peak_gib", "memory/update_peak_gib"} <= peaks.keys()
 
 
-ONE_B_VLLM = [
+ONE_B_RL = [
     *ONE_B,
-    "rollout.engine=vllm",
-    "rollout.vllm_gpu_memory_utilization=0.3",
     "rl.steps=2",
     "rl.dynamic_sampling=off",  # every step updates, whatever the untrained policy earns
     "rl.eval_interval=0",
@@ -113,16 +112,22 @@ ONE_B_VLLM = [
 ]
 
 
-@NEEDS_VLLM
-def test_plan_against_measured_memory_for_a_1b_model(tmp_path):
-    """Two RL steps of a 1.1B model with vLLM and offload (rl.offload=auto is on for CUDA); each phase's
-    device memory in use at its end (`memory/<phase>_used_gib`, vLLM included) must stay within the
-    dry-run plan's total for that phase on this GPU. Prints both, for the record."""
+ENGINES = {  # rollout engine -> its overrides
+    "hf": ["rollout.engine=hf"],
+    "vllm": ["rollout.engine=vllm", "rollout.vllm_gpu_memory_utilization=0.3"],
+}
+
+
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=NEEDS_VLLM)])
+def test_plan_against_measured_memory_for_a_1b_model(tmp_path, engine):
+    """Two RL steps of a 1.1B model with the rollout engine and offload (rl.offload=auto is on for
+    CUDA); each phase's device memory in use at its end (`memory/<phase>_used_gib`, the engine included)
+    must stay within the dry-run plan's total for that phase on this GPU. Prints both, for the record."""
     from scope_mega.plan import GIB, PHASES, make_plan
     from scope_mega.validation import load_config
 
     run = tmp_path / "run"
-    overrides = [f"run_dir={run}", "device=cuda", "wandb_mode=disabled", *ONE_B_VLLM]
+    overrides = [f"run_dir={run}", "device=cuda", "wandb_mode=disabled", *ONE_B_RL, *ENGINES[engine]]
     cmd = [sys.executable, "-m", "scope_mega.cli", "train", str(REPO / "examples/tiny_cpu.yaml"), *overrides]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
