@@ -1,4 +1,5 @@
-"""Rollout metrics (docs/design.md section 4): accuracy, pass@k, diversity, and SCOPE's salvage statistics.
+"""Rollout metrics (docs/design.md section 4): accuracy, pass@k, diversity, and SCOPE's salvage statistics;
+and the step's telemetry: each phase's wall time (`timed`) and GPU memory (`phase_memory`).
 
 Accuracy, pass@k and diversity describe the policy's own samples: compute them on the rollout groups
 before rectification. Entropy, clip fraction, KL and rollout mismatch come from `rl.loss` metrics.
@@ -10,6 +11,8 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
+
+import torch
 
 from scope_mega.scope.rectify import ScopeStats
 from scope_mega.scope.trajectory import Trajectory
@@ -128,3 +131,18 @@ def timed(timings: dict[str, float] | None, phase: str) -> Iterator[None]:
         if timings is not None:
             key = f"timing_s/{phase}"
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def phase_memory(phase: str, device: torch.device) -> dict[str, float]:
+    """On CUDA, this rank's GPU memory in the phase that just ended: the peak the PyTorch allocator
+    held (the trainer; vLLM's own pool is not in it) and the device's use at its end (everything,
+    vLLM included), in GiB; then the peak is reset for the next phase. Nothing on CPU."""
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info()
+    out = {
+        f"memory/{phase}_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        f"memory/{phase}_used_gib": (total - free) / 2**30,
+    }
+    torch.cuda.reset_peak_memory_stats()
+    return out

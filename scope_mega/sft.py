@@ -9,24 +9,18 @@ a problem is drawn, so the model sees many solution paths), checkpointing atomic
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import torch
 
-from scope_mega.checkpointing import TrainerState, load_checkpoint, save_checkpoint
-from scope_mega.config import RunConfig, to_dict
+from scope_mega.config import RunConfig
 from scope_mega.data import countdown
 from scope_mega.data.tokenizer import Tokenizer
-from scope_mega.logging import MetricsLogger, is_rank0
 from scope_mega.models.generate import generate
-from scope_mega.models.gpt import build_gpt_model
-from scope_mega.run_dir import SFT_CHECKPOINTS, has_checkpoint, latest_checkpoint
-from scope_mega.runtime import preemption
-from scope_mega.runtime.distributed import init_distributed
+from scope_mega.models.pipeline import Batch
+from scope_mega.run_dir import SFT_CHECKPOINTS
+from scope_mega.stage import Stage, build_stage, checkpoint_or_stop, close_stage, open_logger, start_stage
 from scope_mega.tasks import prepare_tokenizer, with_task_vocab
-from scope_mega.train_step import Batch, lm_loss, setup_training, shard_for_data_parallel, train_step
-from scope_mega.weights.megatron_ckpt import load_model_weights
+from scope_mega.train_step import lm_loss, shard_for_data_parallel, train_step
 
 
 def encode_example(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
@@ -79,8 +73,7 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
     """The SFT stage; returns the final held-out metrics. Exits with PREEMPTED_EXIT_CODE on a stop signal."""
     from megatron.core import parallel_state
 
-    device = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.device, cfg.seed)
-    preemption.install_handlers()
+    device = start_stage(cfg, "sft")
     tok = prepare_tokenizer(cfg)
     cfg = with_task_vocab(cfg, tok)
     train_problems = countdown.make_problems(cfg.sft.num_train_problems, cfg.seed, cfg.task, split="train")
@@ -89,59 +82,38 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
     )
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
-    if cfg.sft.global_batch_size % (cfg.sft.micro_batch_size * dp):
-        raise SystemExit(
-            f"config error: sft.global_batch_size={cfg.sft.global_batch_size} must be a multiple of "
-            f"sft.micro_batch_size x data-parallel size = {cfg.sft.micro_batch_size} x {dp}"
-        )
-
-    model, spec = build_gpt_model(cfg.model, cfg.parallel, device)
-    if cfg.checkpoint.load_weights:
-        load_model_weights(cfg.checkpoint.load_weights, model)
-    state = setup_training(model, spec.vocab_size, cfg.optim, cfg.parallel, cfg.sft.steps)
-    ckpt_root = Path(cfg.run_dir) / SFT_CHECKPOINTS
-    trainer = TrainerState()
-    latest = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
-    if latest is not None:
-        trainer = load_checkpoint(latest, state)
-    config_dict = to_dict(cfg)
-    logger = MetricsLogger(cfg.run_dir, "sft", cfg.sft.steps, trainer.step, config_dict, cfg.wandb_mode)
-
-    def save() -> None:
-        save_checkpoint(ckpt_root, state, trainer, config_dict, cfg.checkpoint.keep_last)
-
-    def held_out_metrics() -> dict[str, float]:
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            return {}  # trainer-side decoding needs PP=1 (see models.generate)
-        return {
-            "heldout_acc_greedy": evaluate_accuracy(model, tok, eval_problems, 0.0, cfg.seed),
-            "heldout_acc_sampled": evaluate_accuracy(model, tok, eval_problems, 1.0, cfg.seed),
-        }
-
-    while trainer.step < cfg.sft.steps:
-        examples = sft_examples(cfg, train_problems, tok, trainer.step)
+    init = cfg.checkpoint.load_weights
+    stage = build_stage(cfg, "sft", device, SFT_CHECKPOINTS, cfg.optim, cfg.sft.steps, init)
+    logger = open_logger(stage, cfg.sft.steps)
+    progress = stage.progress
+    while progress.step < cfg.sft.steps:
+        examples = sft_examples(cfg, train_problems, tok, progress.step)
         local = shard_for_data_parallel(examples, dp_rank, dp)
-        metrics = train_step(state, to_micro_batches(local, cfg.sft.micro_batch_size, tok.pad_id), lm_loss)
-        trainer.step += 1
-        trainer.data_position = trainer.step * cfg.sft.global_batch_size
-        if cfg.sft.eval_interval and trainer.step % cfg.sft.eval_interval == 0:
-            metrics.update(held_out_metrics())
-        logger.log(trainer.step, metrics)
-        stop = preemption.should_stop()
-        periodic = cfg.checkpoint.save_interval and trainer.step % cfg.checkpoint.save_interval == 0
-        if stop or periodic:
-            save()
-        if stop:
-            logger.close()
-            print(f"stop signal: checkpoint at step {trainer.step} written; exiting for requeue", flush=True)
-            sys.exit(preemption.PREEMPTED_EXIT_CODE)
-
-    final = held_out_metrics()
+        micro = to_micro_batches(local, cfg.sft.micro_batch_size, tok.pad_id)
+        metrics = train_step(stage.state, micro, lm_loss)
+        progress.step += 1
+        progress.data_position = progress.step * cfg.sft.global_batch_size
+        if cfg.sft.eval_interval and progress.step % cfg.sft.eval_interval == 0:
+            metrics.update(held_out_metrics(stage, tok, eval_problems))
+        logger.log(progress.step, metrics)
+        checkpoint_or_stop(stage)
+    final = held_out_metrics(stage, tok, eval_problems)
     if final:
-        logger.log(trainer.step, final)
-    if not has_checkpoint(ckpt_root, trainer.step):
-        save()
-    logger.close()
-    if is_rank0():
-        print(" ".join(f"{k}={v:.4f}" for k, v in final.items()), flush=True)
+        logger.log(progress.step, final)
+    checkpoint_or_stop(stage, final=True)
+    close_stage(stage, final)
     return final
+
+
+def held_out_metrics(stage: Stage, tok: Tokenizer, problems: list[countdown.Problem]) -> dict[str, float]:
+    """Greedy and sampled accuracy of the policy on held-out problems (nothing under PP > 1, where
+    trainer-side decoding does not run: see models.generate)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        return {}
+    seed = stage.cfg.seed
+    return {
+        "heldout_acc_greedy": evaluate_accuracy(stage.model, tok, problems, 0.0, seed),
+        "heldout_acc_sampled": evaluate_accuracy(stage.model, tok, problems, 1.0, seed),
+    }

@@ -72,8 +72,9 @@ def _measure(args, p: dict, hf: dict, dtype: str, device: torch.device, fp8: boo
     from scope_mega.config import FP8Config, ModelConfig, OptimConfig, ParallelConfig, RunConfig
     from scope_mega.models.gpt import build_gpt_model
     from scope_mega.plan import ModelSize
+    from scope_mega.rl.batch import Sample, to_micro_batches
+    from scope_mega.rl.update import rl_loss
     from scope_mega.train_step import setup_training, train_step
-    from scope_mega.trainer import Sample, rl_loss, to_micro_batches
 
     impl = "te" if fp8 else "local"
     model_cfg = ModelConfig(

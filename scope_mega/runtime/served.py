@@ -6,7 +6,8 @@ forward needs every rank of the group, and a vLLM engine spans every rank of the
 callable is registered here under a name on every rank; the driver's `call(name, *args)` first sends
 (name, args) to the group, whose other ranks sit in `serve()` running the same handler, until the
 driver's `release()`. Handlers run in the driver's order on every rank, so collectives inside them
-line up.
+line up. `from_driver` and `gather_drivers` are the two plain exchanges around such work: the driver's
+result to its group, and one object from every replica's driver.
 """
 
 from __future__ import annotations
@@ -15,6 +16,36 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
+
+
+def _broadcast(obj: Any, group, src: int) -> Any:
+    """`obj` of global rank `src` on every rank of `group` (what the others pass is ignored)."""
+    if dist.get_world_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def from_driver(obj: Any, is_driver: bool) -> Any:
+    """The driver's Python object `obj` on every rank of its model-parallel group."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_model_parallel_group()
+    return _broadcast(obj if is_driver else None, group, dist.get_global_rank(group, 0))
+
+
+def gather_drivers(obj: Any) -> list[Any]:
+    """`obj` of every data-parallel replica's driver; called by drivers only (their data-parallel group
+    is the drivers' group: every driver is model-parallel rank 0)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 class Served:
@@ -34,11 +65,7 @@ class Served:
         self.handlers[name] = handler
 
     def _exchange(self, request: Any) -> Any:
-        if dist.get_world_size(self.group) == 1:
-            return request
-        box = [request]
-        dist.broadcast_object_list(box, src=self.src, group=self.group)
-        return box[0]
+        return _broadcast(request, self.group, self.src)
 
     def call(self, name: str, *args: Any) -> Any:
         """Driver: run handler `name` on every rank of the group; returns the driver's result."""

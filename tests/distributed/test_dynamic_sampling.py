@@ -1,9 +1,10 @@
 """Dynamic sampling (`rl.dynamic_sampling`) on scripted rollouts, one process: groups whose rewards are
 all equal never reach the loss; "refill" samples a second round until every prompt slot holds a group
-with a signal; the kept fraction is counted. The policy's rollouts are replaced by a script (the
-trainer's own `rollout_groups` is patched); everything after them is the trainer's."""
+with a signal; the kept fraction is counted. The policy's rollouts are replaced by a script (given to
+`rollout_and_rectify` in place of `rollout_groups` on an engine); everything after them is the trainer's."""
 
 import json
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,12 +33,11 @@ def _scripted_groups(engine, task, prompts, n, seed, timings=None):
 
 
 def _worker(out: str):
-    from scope_mega import trainer
     from scope_mega.config import RunConfig, from_dict
+    from scope_mega.rl.rollouts import rollout_and_rectify
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
 
     init_distributed(device="cpu", seed=1)
-    trainer.rollout_groups = _scripted_groups
     report = {}
     for mode in ("off", "filter", "refill"):
         rl = {"group_size": 4, "dynamic_sampling": mode, "max_sampling_rounds": 3}
@@ -47,7 +47,8 @@ def _worker(out: str):
         def draw(r):
             return [SimpleNamespace(round=r, index=i, info=None) for i in range(4)]
 
-        samples, metrics = trainer.rollout_and_rectify(None, None, None, task, draw, seed=0)
+        groups = partial(_scripted_groups, None, task, n=4)
+        samples, metrics = rollout_and_rectify(groups, None, None, task, draw, seed=0)
         report[mode] = {
             "tags": [s.prompt_ids[0] for s in samples],
             "zero_advantage": sum(all(a == 0 for a in s.advantages) for s in samples),

@@ -29,10 +29,11 @@ def _worker(out: str, device: str = "cpu", dtype: str = "float32"):
 
     from scope_mega.config import RunConfig, from_dict
     from scope_mega.models.pipeline import pipeline_forward
+    from scope_mega.rl.batch import Sample, to_micro_batches
     from scope_mega.rl.packing import pack_by_token_budget
+    from scope_mega.rl.update import rl_loss
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
     from scope_mega.train_step import evaluate_loss, store_logprobs, train_step
-    from scope_mega.trainer import Sample, rl_loss, to_micro_batches
 
     dev = init_distributed(device=device, seed=2)
     rng = random.Random(0)

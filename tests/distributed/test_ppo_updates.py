@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.distributed]
 
 
 def _micro_batches():
-    from scope_mega.trainer import Sample, to_micro_batches
+    from scope_mega.rl.batch import Sample, to_micro_batches
 
     g = torch.Generator().manual_seed(1)
     samples = []
@@ -35,9 +35,9 @@ def _worker(out: str):
     from functools import partial
 
     from scope_mega.config import RunConfig, from_dict
+    from scope_mega.rl.update import rl_loss, update_policy
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
     from scope_mega.train_step import store_logprobs, train_step
-    from scope_mega.trainer import rl_loss, update_policy
 
     dev = init_distributed(device="cpu", seed=3)
     cfg = from_dict(RunConfig, {"rl": {"ppo_mini_batches": 2}, "loss": {"clip_low": 0.2, "clip_high": 0.28}})

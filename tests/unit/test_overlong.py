@@ -8,8 +8,8 @@ import torch
 
 from scope_mega.config import ConfigError, RunConfig, from_dict
 from scope_mega.rl.advantages import overlong_reward
+from scope_mega.rl.batch import to_micro_batches, to_samples
 from scope_mega.scope.trajectory import Trajectory
-from scope_mega.trainer import to_micro_batches, to_samples
 from scope_mega.validation import load_config
 
 LIMIT = 48

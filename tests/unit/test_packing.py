@@ -56,7 +56,7 @@ def test_pack_errors():
 
 def test_trainer_gives_a_sequence_longer_than_the_budget_its_own_micro_batch():
     """A salvaged trajectory can outgrow `rl.max_tokens_per_micro_batch`: it is trained alone, not refused."""
-    from scope_mega.trainer import Sample, to_micro_batches
+    from scope_mega.rl.batch import Sample, to_micro_batches
 
     samples = [Sample([1] * 3, [2] * n, [1.0] * n, [False] * n, [0.0] * n) for n in (4, 30, 5)]
     micro = to_micro_batches(samples, 1, pad_id=0, max_tokens=16)
@@ -70,7 +70,7 @@ def test_thd_micro_batch_by_hand():
     segment with no loss; the budget of 9 holds both (5 + 3 = 8 positions once rounded to 8)."""
     import torch
 
-    from scope_mega.trainer import Sample, to_micro_batches
+    from scope_mega.rl.batch import Sample, to_micro_batches
 
     a = Sample(
         [1, 2, 3], [4, 5, 6], [0.5, 0.5, 0.5], [False, True, False], [-1.0, 0.0, -3.0], [0.0, -2.0, 0.0]

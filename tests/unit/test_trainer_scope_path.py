@@ -9,13 +9,14 @@ from scope_mega.config import RunConfig
 from scope_mega.data import countdown
 from scope_mega.data.tokenizer import train_tokenizer
 from scope_mega.rewards.countdown_verifier import CountdownVerifier
+from scope_mega.rl.batch import to_micro_batches, to_samples
 from scope_mega.rl.loss import PolicyLossConfig
+from scope_mega.rl.update import rl_loss
 from scope_mega.scope.config import ScopeConfig
 from scope_mega.scope.guides import make_guide
 from scope_mega.scope.prm import CountdownOraclePRM
 from scope_mega.scope.rectify import rectify_groups
 from scope_mega.scope.trajectory import PromptInfo, Trajectory
-from scope_mega.trainer import rl_loss, to_micro_batches, to_samples
 
 PROBLEM = countdown.Problem((3, 7, 9), 30)
 WEAK = "7 * 3 = 21\n21 - 9 = 12\nanswer: 12"  # right first step, then a wrong one

@@ -1,0 +1,179 @@
+"""Trajectories to training samples to micro-batches: the RL update's batch contract.
+
+`to_samples` turns the final groups of a step (after SCOPE) into `Sample`s with per-token advantages
+(GRPO over each group's final rewards, or PRM-dense ones), on/off-policy flags and the behaviour and
+guide logprobs. `to_micro_batches` lays samples out as the `Batch` dicts of [b, s] tensors that
+`train_step` and the one policy loss (`rl.loss.policy_loss`, through `rl.update.rl_loss`) read:
+`input_ids`, `targets`, `position_ids`, `on_mask`, `off_mask`, `advantages`, `rollout_logprobs`,
+`guide_logprobs`, `tokens`, and for THD rows `cu_seqlens` and `seq_index`. Position t of a row
+predicts token t+1; every loss input is 0 on the prompt. `micro_batch_layout` picks the layout the
+trainer uses (`rl.packing`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from scope_mega.config import RunConfig
+from scope_mega.models.pipeline import Batch
+from scope_mega.rl.advantages import group_advantages, overlong_reward
+from scope_mega.rl.packing import cu_seqlens, pack_by_token_budget
+from scope_mega.scope.trajectory import Trajectory
+
+
+@dataclass
+class Sample:
+    """One training sequence: prompt + response tokens with per-response-token loss inputs."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantages: list[float]
+    off_policy: list[bool]
+    rollout_logprobs: list[float]  # 0.0 on guide tokens (never sampled by the policy's engine)
+    guide_logprobs: list[float] | None = None  # an engine guide's logprobs; 0.0 on the policy's tokens
+    in_loss: bool = True  # False: masked out (a cut-off response under rl.overlong=mask)
+
+
+def final_reward(t: Trajectory, cfg: RunConfig) -> float:
+    """The reward a trajectory's advantage sees: the verifier's, plus the overlong penalty if set."""
+    if cfg.rl.overlong != "penalty":
+        return t.reward
+    length, limit = len(t.response_ids), cfg.rollout.max_new_tokens
+    return t.reward + overlong_reward(length, limit, cfg.rl.overlong_buffer, cfg.rl.overlong_penalty)
+
+
+def to_samples(groups: list[list[Trajectory]], cfg: RunConfig, dense: list | None) -> list[Sample]:
+    """GRPO advantages over the final groups (or PRM-dense ones), one Sample per trajectory."""
+    samples = []
+    for g, group in enumerate(groups):
+        rewards = torch.tensor([[final_reward(t, cfg) for t in group]])
+        adv = group_advantages(rewards, cfg.advantage)[0].tolist()
+        for i, t in enumerate(group):
+            per_token = dense[g][i] if dense is not None else [adv[i]] * len(t.response_ids)
+            samples.append(
+                Sample(
+                    prompt_ids=t.prompt_ids,
+                    response_ids=t.response_ids,
+                    advantages=per_token,
+                    off_policy=list(t.off_policy),
+                    rollout_logprobs=[0.0 if o else lp for o, lp in zip(t.off_policy, t.rollout_logprobs)],
+                    guide_logprobs=None
+                    if t.guide_logprobs is None
+                    else [lp if o else 0.0 for o, lp in zip(t.off_policy, t.guide_logprobs)],
+                    in_loss=not (cfg.rl.overlong == "mask" and t.truncated),
+                )
+            )
+    return samples
+
+
+def no_loss_sample(pad_id: int) -> Sample:
+    """A one-token sample outside the loss: the micro-batch of a replica with nothing to train on."""
+    return Sample([pad_id], [pad_id], [0.0], [False], [0.0], in_loss=False)
+
+
+def _sample_tensors(s: Sample) -> Batch:
+    """One sample's 1-D tensors over its positions, aligned to targets (position t predicts token t+1);
+    the loss inputs are 0 on the prompt."""
+    toks = torch.tensor(s.prompt_ids + s.response_ids)
+    lo = len(s.prompt_ids) - 1  # the target position of the first response token
+    per_token = {
+        "advantages": s.advantages,
+        "off_policy": s.off_policy,
+        "rollout_logprobs": s.rollout_logprobs,
+    }
+    if s.guide_logprobs is not None:
+        per_token["guide_logprobs"] = s.guide_logprobs
+    for name, values in per_token.items():
+        if len(values) != len(s.response_ids):
+            raise ValueError(f"a sample has {len(values)} {name} for {len(s.response_ids)} response tokens")
+    offp = torch.tensor(s.off_policy, dtype=torch.bool)
+    out = {"input_ids": toks[:-1], "targets": toks[1:]}
+    response = {
+        "on_mask": (~offp).float() * s.in_loss,
+        "off_mask": offp.float() * s.in_loss,
+        "advantages": torch.tensor(s.advantages),
+        "rollout_logprobs": torch.tensor(s.rollout_logprobs),
+        "guide_logprobs": torch.tensor(s.guide_logprobs or [0.0] * len(offp)),
+    }
+    for key, values in response.items():
+        out[key] = torch.cat([torch.zeros(lo), values])
+    return out
+
+
+def to_micro_batches(
+    samples: list[Sample],
+    micro: int,
+    pad_id: int,
+    max_tokens: int | None = None,
+    thd: bool = False,
+    align: int = 1,
+) -> list[Batch]:
+    """The samples as micro-batches of [b, s] tensors (`_sample_tensors`), in one of two layouts.
+
+    Padded: `micro` samples each, right-padded to the longest sample of all; or, with `max_tokens`,
+    packed by that token budget (`rl.packing.pack_by_token_budget`), each padded to its own longest.
+    THD (`thd`, needs `max_tokens`): each micro-batch is one row of its samples end to end, padded to
+    a multiple of `align`, with `cu_seqlens` (the samples' boundaries, the padding a segment of its
+    own) and `seq_index` (each position's sample within the row) for per-sequence loss aggregation.
+    A sample longer than the budget (a long salvaged trajectory) gets a micro-batch of its own.
+    `tokens` holds each micro-batch's count of real positions."""
+    lengths = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]
+    if max_tokens is None:
+        if thd:
+            raise ValueError("the THD layout packs by a token budget: give max_tokens")
+        indices = [list(range(i, min(i + micro, len(samples)))) for i in range(0, len(samples), micro)]
+    else:
+        # a THD row's rounding up to `align` stays within a budget that is a multiple of it
+        budget = max_tokens // align * align if thd else max_tokens
+        indices = pack_by_token_budget(lengths, max(budget, *lengths), thd=thd)
+    fill = {"input_ids": pad_id, "targets": pad_id}
+    batches = []
+    for idx in indices:
+        rows = [_sample_tensors(samples[i]) for i in idx]
+        if thd:
+            bounds, pad = cu_seqlens([lengths[i] for i in idx], align)
+            tail = {key: value.new_full((pad,), fill.get(key, 0)) for key, value in rows[0].items()}
+            batch = {key: torch.cat([*(r[key] for r in rows), tail[key]])[None] for key in tail}
+            batch["position_ids"] = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])])[None]
+            batch["cu_seqlens"] = torch.tensor(bounds, dtype=torch.int32)
+            batch["seq_index"] = torch.repeat_interleave(
+                torch.arange(len(bounds) - 1), torch.tensor(bounds).diff()
+            )[None]
+        else:
+            seq = max(lengths) if max_tokens is None else max(lengths[i] for i in idx)
+            batch = {
+                key: torch.stack(
+                    [F.pad(r[key], (0, seq - r[key].numel()), value=fill.get(key, 0)) for r in rows]
+                )
+                for key in rows[0]
+            }
+            batch["position_ids"] = torch.arange(seq).expand(len(rows), seq)
+        batch["tokens"] = torch.tensor(sum(lengths[i] for i in idx))
+        batches.append(batch)
+    return batches
+
+
+@dataclass(frozen=True)
+class MicroBatchLayout:
+    """How a step's samples become micro-batches (`to_micro_batches`' layout arguments)."""
+
+    micro: int  # samples per padded micro-batch without a token budget
+    max_tokens: int | None  # rl.max_tokens_per_micro_batch
+    thd: bool  # one row of samples end to end, with cu_seqlens
+    align: int  # a THD row's length is a multiple of this
+
+
+def micro_batch_layout(cfg: RunConfig, transformer_impl: str) -> MicroBatchLayout:
+    """`rl.packing` resolved for the model's layer spec ("auto": THD on Transformer Engine, padded rows
+    elsewhere); a THD row is a multiple of 16 tokens for FP8 GEMMs and of TP under sequence
+    parallelism, which splits it over the TP ranks."""
+    packing = cfg.rl.packing if cfg.rl.packing != "auto" else "thd" if transformer_impl == "te" else "padded"
+    align = math.lcm(
+        16 if cfg.model.fp8.enabled else 1, cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+    )
+    budget = cfg.rl.max_tokens_per_micro_batch
+    return MicroBatchLayout(cfg.rl.micro_batch_size, budget, packing == "thd" and budget is not None, align)

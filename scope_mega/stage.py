@@ -1,0 +1,127 @@
+"""The skeleton every training stage shares (SFT and RL): start, the model and its training state,
+resume, logging, and one `checkpoint_or_stop` after each step.
+
+A stage is `start_stage` (every config check for this launch's world size, then process groups and
+the preemption handlers: a config mistake stops before any rank starts work), `build_stage` (the
+policy, its starting weights unless the stage resumes, Megatron's DDP and optimizer, the resumed
+`TrainerState` from `<run_dir>/<checkpoints>/latest`), `open_logger`, then the stage's own loop, which
+calls `checkpoint_or_stop(stage)` after each step and `checkpoint_or_stop(stage, final=True)` at its
+end. That one function owns the save interval (`checkpoint.save_interval`), preemption (SIGUSR1 or
+SIGTERM: every rank finishes its step, checkpoints, and exits with `PREEMPTED_EXIT_CODE` for the
+Slurm requeue) and the final save (skipped when the last step is already saved). Saves run with the
+optimizer state on the device (`TrainerOffload.on_device`: the RL stage keeps it on the host between
+updates).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from scope_mega.checkpointing import TrainerState, load_checkpoint, save_checkpoint
+from scope_mega.config import OptimConfig, RunConfig, to_dict
+from scope_mega.logging import MetricsLogger, is_rank0
+from scope_mega.models.gpt import ModelSpec, build_gpt_model
+from scope_mega.run_dir import has_checkpoint, latest_checkpoint
+from scope_mega.runtime import preemption
+from scope_mega.runtime.distributed import init_distributed
+from scope_mega.runtime.offload import TrainerOffload
+from scope_mega.train_step import TrainState, setup_training
+from scope_mega.validation import StageName, validate
+from scope_mega.weights.megatron_ckpt import load_model_weights
+
+
+@dataclass
+class Stage:
+    """One stage's training state and bookkeeping, in one place for its loop."""
+
+    cfg: RunConfig
+    name: StageName  # the logger's stage
+    device: torch.device
+    model: torch.nn.Module  # this rank's pipeline stage of the policy, as built (no DDP wrapper)
+    spec: ModelSpec
+    state: TrainState  # the model in Megatron's DDP, its optimizer and LR schedule
+    progress: TrainerState  # the step and data position, saved with every checkpoint
+    ckpt_root: Path
+    offload: TrainerOffload
+    config_dict: dict = field(default_factory=dict)
+    logger: MetricsLogger | None = None
+
+
+def start_stage(cfg: RunConfig, name: StageName) -> torch.device:
+    """Every config check of stage `name` for this launch (`WORLD_SIZE` processes), then this rank's
+    process groups and the preemption handlers. Returns the rank's device."""
+    validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), stage=name)
+    device = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.device, cfg.seed)
+    preemption.install_handlers()
+    return device
+
+
+def build_stage(
+    cfg: RunConfig,
+    name: StageName,
+    device: torch.device,
+    checkpoints: str,
+    optim: OptimConfig,
+    optimizer_steps: int,
+    init_weights: str | Path | None,
+    offload: bool = False,
+) -> Stage:
+    """The policy with its optimizer, resumed from `<run_dir>/<checkpoints>/latest` when there is one
+    (and `checkpoint.resume`), else starting from `init_weights` (None: Megatron's initialisation)."""
+    model, spec = build_gpt_model(cfg.model, cfg.parallel, device)
+    ckpt_root = Path(cfg.run_dir) / checkpoints
+    resume = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    if resume is None and init_weights is not None:
+        load_model_weights(init_weights, model)
+    state = setup_training(model, spec.vocab_size, optim, cfg.parallel, optimizer_steps)
+    progress = load_checkpoint(resume, state) if resume else TrainerState()
+    stage = Stage(cfg, name, device, model, spec, state, progress, ckpt_root, TrainerOffload(state, offload))
+    stage.config_dict = to_dict(cfg)
+    return stage
+
+
+def open_logger(stage: Stage, total_steps: int, bar_keys: Sequence[str] = ("loss",)) -> MetricsLogger:
+    """The stage's console, `metrics.jsonl` and wandb logger, from its resumed step on."""
+    cfg = stage.cfg
+    stage.logger = MetricsLogger(
+        cfg.run_dir, stage.name, total_steps, stage.progress.step, stage.config_dict, cfg.wandb_mode, bar_keys
+    )
+    return stage.logger
+
+
+def _save(stage: Stage) -> None:
+    with stage.offload.on_device():
+        save_checkpoint(
+            stage.ckpt_root, stage.state, stage.progress, stage.config_dict, stage.cfg.checkpoint.keep_last
+        )
+
+
+def checkpoint_or_stop(stage: Stage, final: bool = False) -> None:
+    """After a step: checkpoint every `checkpoint.save_interval` steps, or on a stop signal, and then
+    exit with `PREEMPTED_EXIT_CODE`. At the end (`final`): save the last step unless it is saved."""
+    step = stage.progress.step
+    if final:
+        if not has_checkpoint(stage.ckpt_root, step):
+            _save(stage)
+        return
+    stop = preemption.should_stop()
+    interval = stage.cfg.checkpoint.save_interval
+    if stop or (interval and step % interval == 0):
+        _save(stage)
+    if stop:
+        stage.logger.close()
+        print(f"stop signal: checkpoint at step {step} written; exiting for requeue", flush=True)
+        sys.exit(preemption.PREEMPTED_EXIT_CODE)
+
+
+def close_stage(stage: Stage, final_metrics: dict[str, float]) -> None:
+    """Close the logger and print the stage's final metrics on rank 0."""
+    stage.logger.close()
+    if is_rank0():
+        print(" ".join(f"{k}={v:.4f}" for k, v in final_metrics.items()), flush=True)
