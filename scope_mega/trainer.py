@@ -3,9 +3,9 @@ sync, evaluation and checkpoint.
 
 `run_train` builds every role once (`rl.roles.setup_rl`: config checks, process groups, policy,
 engines, PRM, reference, logger) and then only calls phases. Each phase is a function of the run:
-- `generate`: steps 1-3 and 5 on each replica's driver (sample, verify, SCOPE, advantages,
+- `generate`: steps 1-4 on each replica's driver (sample, verify, SCOPE, advantages,
   `rl.rollouts`), the engines awake; every rank of the replica receives the driver's samples;
-- `update`: step 4 and 6, the engines asleep: the optimizer state back on the device, reference
+- `update`: steps 5 and 6, the engines asleep: the optimizer state back on the device, reference
   logprobs, `rl.ppo_mini_batches` x `rl.ppo_epochs` optimizer steps (`rl.update`);
 - `sync`: step 7, the optimizer state to the host, the weights to the engines;
 - `log_step`, `evaluate_policy`, then the HF export and `stage.checkpoint_or_stop` (step 8).
@@ -57,7 +57,7 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
 
 
 def generate(run: RLRun) -> tuple[list[Sample], dict[str, float], dict[str, float]]:
-    """Steps 1-3 and 5: this replica's samples of the step with their advantages, the step's rollout
+    """Steps 1-4: this replica's samples of the step with their advantages, the step's rollout
     metrics (every replica), and the rollout phase's memory (CUDA)."""
     cfg, step = run.cfg, run.stage.progress.step
     seed = cfg.seed + step * 9973 + run.dp_rank
@@ -73,7 +73,7 @@ def generate(run: RLRun) -> tuple[list[Sample], dict[str, float], dict[str, floa
 def update(
     run: RLRun, samples: list[Sample], memory: dict[str, float], timings: dict[str, float]
 ) -> dict[str, float]:
-    """Steps 4 and 6, the engines asleep: the optimizer state back, reference logprobs, the optimizer
+    """Steps 5 and 6, the engines asleep: the optimizer state back, reference logprobs, the optimizer
     steps. A replica whose groups dynamic sampling all dropped trains on one sample outside the loss."""
     stage, layout, pad = run.stage, run.layout, run.task.tokenizer.pad_id
     micro = to_micro_batches(

@@ -1,4 +1,4 @@
-"""Rollouts on a replica's driver (docs/design.md section 3, steps 1-3 and 5) and evaluation.
+"""Rollouts on a replica's driver (docs/design.md section 3, steps 1-4) and evaluation.
 
 `rollout_groups` samples and verifies `n` responses per prompt on an engine; `rollout_and_rectify` runs
 a whole step's sampling (DAPO's dynamic-sampling rounds included), SCOPE's rectification (or the
@@ -93,7 +93,7 @@ def carries_signal(group: list[Trajectory], cfg: RunConfig) -> bool:
 def rollout_and_rectify(
     sample_groups: GroupSampler, guide, prm, task: Task, draw: Callable[[int], list[Prompt]], seed: int
 ) -> tuple[list[Sample], dict[str, float]]:
-    """Steps 1-3 and 5 on a replica's driver: sample and verify groups of the prompts `draw(0)`
+    """Steps 1-4 on a replica's driver: sample and verify groups of the prompts `draw(0)`
     (`sample_groups`, e.g. `rollout_groups` on the policy's engine), rectify them (SCOPE or the
     configured baseline), compute advantages. With `rl.dynamic_sampling`, groups whose
     final rewards are all equal are dropped, and "refill" samples the prompts `draw(r)` of further rounds

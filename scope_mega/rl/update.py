@@ -1,4 +1,4 @@
-"""The RL update (docs/design.md section 3, steps 4 and 6): PPO epochs over mini-batches of a step's
+"""The RL update (docs/design.md section 3, steps 5 and 6): PPO epochs over mini-batches of a step's
 micro-batches, one optimizer step each, through the one policy loss.
 
 `rl_loss` adapts `rl.loss.policy_loss` to a micro-batch of `rl.batch.to_micro_batches`. The old-policy
@@ -49,7 +49,7 @@ PER_UPDATE = ("ratio", "clip_frac_low", "clip_frac_high", "kl", "loss", "lr")  #
 def update_policy(
     state: TrainState, micro: list[Batch], cfg: RunConfig, timings: dict[str, float]
 ) -> dict[str, float]:
-    """Steps 4 and 6: `rl.ppo_epochs` passes over `rl.ppo_mini_batches` mini-batches (consecutive
+    """Steps 5 and 6: `rl.ppo_epochs` passes over `rl.ppo_mini_batches` mini-batches (consecutive
     micro-batches, as even as they split), one optimizer step each. With several steps the old-policy
     logprobs come from one forward of the pre-update weights first; a single step uses the current
     ones. Metrics: the mean over the updates, and each update's ratio, clip fractions and KL as
