@@ -127,28 +127,31 @@ def summary(r: dict) -> str:
         reason = t.get("reason", "").splitlines()[0][:160] if t.get("reason") else ""
         lines.append(f"| `{t['id']}` | {t['outcome']} | {t['seconds']:.1f} | {reason.replace('|', '/')} |")
     if r["bench"]:
+        big = (figs or {}).get("gemm_bf16_8192_tflops")
         lines += [
             "",
-            f"tools/bench_train_step.py (MFU against a GEMM of the model's shape; goal {MFU_GOAL:.0%} "
-            "on a 1B-class model):",
+            f"tools/bench_train_step.py (goal: MFU {MFU_GOAL:.0%} on a 1B-class model). MFU: against a GEMM "
+            "of the model's shape in this run; MFU 8192: against the probe's bf16 8192^3 GEMM.",
             "",
-            "| preset | device | precision | layout | tokens | padding | s/step | tokens/s | MFU |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| preset | device | precision | layout | tokens | padding | s/step | tokens/s | MFU | MFU 8192 "
+            "|",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for b in r["bench"]:
             prec = b["precision"] + (" + TE FP8" if b["fp8"] else "")
+            vs_big = f"{b['model_gflops'] / (big * 1e3):.1%}" if big and "model_gflops" in b else "n/a"
             lines.append(
                 f"| {b['preset']} | {b['device']} | {prec} | {b['layout']} | {b['tokens']} | "
                 f"{b['padding']:.1%} | {b.get('step_s', float('nan')):.3f} | "
-                f"{b.get('tokens_per_s', 0):,.0f} | {b.get('mfu', float('nan')):.1%} |"
+                f"{b.get('tokens_per_s', 0):,.0f} | {b.get('mfu', float('nan')):.1%} | {vs_big} |"
             )
     if r["memory"]:
-        lines += ["", "| phase | planned GiB | used GiB | trainer peak GiB | within plan |"]
-        lines.append("| --- | --- | --- | --- | --- |")
+        lines += ["", "| test | phase | planned GiB | used GiB | trainer peak GiB | within plan |"]
+        lines.append("| --- | --- | --- | --- | --- | --- |")
         for m in r["memory"]:
             lines.append(
-                f"| {m['phase']} | {m['planned_gib']:.2f} | {m['used_gib']:.2f} | "
-                f"{m['trainer_peak_gib']:.2f} | {'yes' if m['within_plan'] else 'NO'} |"
+                f"| `{m['test'].split('::')[-1]}` | {m['phase']} | {m['planned_gib']:.2f} | "
+                f"{m['used_gib']:.2f} | {m['trainer_peak_gib']:.2f} | {'yes' if m['within_plan'] else 'NO'} |"
             )
     return "\n".join(lines) + "\n"
 
