@@ -63,10 +63,10 @@ def _dry_run_train(args) -> None:
         cfg,
         target,
         args.world_size,
-        args.gpu_memory_gib,
-        refusal,
-        args.gpus_per_node,
-        args.host_memory_gib,
+        gpu_memory_gib=args.gpu_memory_gib,
+        refusal_here=refusal,
+        gpus_per_node=args.gpus_per_node,
+        host_memory_gib=args.host_memory_gib,
     )
     print(format_plan(plan))
     try:

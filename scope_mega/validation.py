@@ -408,24 +408,17 @@ _KNOBS = {
 }
 
 
-def checked_plan(
-    cfg: RunConfig,
-    target: str = "cuda",
-    world_size: int | None = None,
-    gpu_memory_gib: float = 80.0,
-    refusal_here: str | None = None,
-    gpus_per_node: int = 8,
-    host_memory_gib: float = 1024.0,
-) -> Plan:
-    """`plan.make_plan` (same arguments) of a config `validate` accepted for `target`, refused in one
-    line where the world does not hold whole model and engine replicas, where a helper model's size
-    is unknown, or, for a CUDA target, where a phase does not fit (`check_fits`)."""
+def checked_plan(cfg: RunConfig, target: str = "cuda", world_size: int | None = None, **machine: Any) -> Plan:
+    """`plan.make_plan(cfg, target, world_size, **machine)` (the machine's GPU and host memory, GPUs
+    per node, the refusal here) of a config `validate` accepted for `target`, refused in one line
+    where the world does not hold whole model and engine replicas, where a helper model's size is
+    unknown, or, for a CUDA target, where a phase does not fit (`check_fits`)."""
     from scope_mega.plan import default_world_size, make_plan
 
     world = world_size or default_world_size(cfg)
     _check_world(cfg, world)
     _check_engine_world(cfg, world)
-    plan = make_plan(cfg, target, world, gpu_memory_gib, refusal_here, gpus_per_node, host_memory_gib)
+    plan = make_plan(cfg, target, world, **machine)
     for name, helper in plan.helpers.items():
         if helper.source is None:
             path_key, size_key = _HELPER_SIZES[name]
@@ -490,7 +483,7 @@ def check_memory_here(cfg: RunConfig, world_size: int) -> None:
         cfg,
         "cuda",
         world_size,
-        torch.cuda.get_device_properties(0).total_memory / GIB,
+        gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / GIB,
         gpus_per_node=gpus or torch.cuda.device_count(),
         host_memory_gib=psutil.virtual_memory().total / GIB,
     )
