@@ -45,13 +45,13 @@ export PYTHONPATH="$site:$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PY
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled  # no index or hub is reachable there
 
 for f in env.json junit.xml parts.tsv run.log results.json summary.md; do rm -f "$out/$f"; done
-part probe 90 "$py" tests/gpu/probe_env.py "$out/env.json"
+part probe 60 "$py" tests/gpu/probe_env.py "$out/env.json"
 cuda=$("$py" -c 'import json, sys; print(int(json.load(open(sys.argv[1]))["cuda"]))' "$out/env.json" 2>/dev/null)
 
 # tests/gpu, and the test files elsewhere that mark a test `gpu` or branch on CUDA
 mapfile -t elsewhere < <(grep -rlE --include='test_*.py' 'mark\.gpu|cuda\.is_available\(\)' tests |
     grep -v '^tests/gpu/' | sort)
-part pytest 270 "$py" -m pytest -q -rfEs -p no:cacheprovider --timeout=150 -o junit_logging=system-out \
+part pytest 260 "$py" -m pytest -q -rfEs -p no:cacheprovider --timeout=150 -o junit_logging=system-out \
     --junitxml="$out/junit.xml" tests/gpu "${elsewhere[@]}"
 
 if [ "${cuda:-0}" = 1 ]; then
@@ -59,7 +59,7 @@ if [ "${cuda:-0}" = 1 ]; then
 else
     bench=(--preset demo --device cpu --steps 1)
 fi
-part bench 120 "$py" tools/bench_train_step.py "${bench[@]}"
+part bench 110 "$py" tools/bench_train_step.py "${bench[@]}"
 
 "$py" tests/gpu/results_to_json.py "$out" || status=1
 note "wrote $out/results.json and $out/summary.md"
