@@ -62,7 +62,12 @@ class RLRun:
 
     @property
     def scope_on(self) -> bool:
-        return self.cfg.scope.enabled and self.cfg.scope.active_method != "grpo"
+        return rectifies(self.cfg)
+
+
+def rectifies(cfg: RunConfig) -> bool:
+    """Whether the run rectifies failed rollouts (SCOPE or a baseline other than plain GRPO)."""
+    return cfg.scope.enabled and cfg.scope.active_method != "grpo"
 
 
 def setup_rl(cfg: RunConfig) -> RLRun:
@@ -90,7 +95,7 @@ def setup_rl(cfg: RunConfig) -> RLRun:
     reference = build_reference(cfg, device) if cfg.loss.kl_coef > 0 else None
     is_driver = parallel_state.get_model_parallel_group().rank() == 0
     served = Served(is_driver)
-    scope_on = cfg.scope.enabled and cfg.scope.active_method != "grpo"
+    scope_on = rectifies(cfg)
     prm = build_prm(cfg, device, served) if scope_on else None
     source = rollout_model_dir(cfg) if cfg.rollout.engine == "vllm" else cfg.model.hf_config
     engine, policy = build_engine(cfg, task, source, "policy", served)
