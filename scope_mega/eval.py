@@ -177,6 +177,23 @@ def load_encoder(model_dir: str | Path) -> Callable[[str], list[int]]:
     return load_model_tokenizer(model_dir).encode
 
 
+def _engine_kwargs(args, benchmarks: list[list[Problem]], encode: Callable[[str], list[int]]) -> dict:
+    """vLLM's KV cache on CPU (`VLLMEngine`'s `kv_cache_tokens`): one engine call's sequences at once,
+    `--batch-size` prompts x `-n` samples, each the longest prompt plus `--max-new-tokens`."""
+    if args.engine != "vllm":
+        return {}
+    import transformers
+
+    from scope_mega.plan import vllm_cpu_kv_tokens
+
+    hf = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
+    positions = hf.max_position_embeddings
+    longest = max(len(encode(render_prompt(args.template, p.question))) for ps in benchmarks for p in ps)
+    prompts = min(args.batch_size, max(len(ps) for ps in benchmarks))
+    seq = min(positions, longest + args.max_new_tokens)
+    return {"kv_cache_tokens": vllm_cpu_kv_tokens(prompts * args.n, seq, positions)}
+
+
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="avg@n / pass@k on math benchmarks (engine or saved responses)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -201,26 +218,32 @@ def add_eval_parser(sub) -> None:
 
 
 def run_eval_cli(args) -> int:
+    """`scope-mega eval`: 0 with the table printed (and `--out` written), 2 with one `eval error:`
+    line for input it cannot score (`EvalDataError`). Every input file is read before any model
+    loads."""
     import sys
 
     from scope_mega.rewards.math_verifier import MathVerifier
 
     results = []
     try:
+        if args.responses:
+            scored = [load_responses(path, args.format)[: args.limit] for path in args.responses]
+        else:
+            if not args.benchmarks:
+                raise EvalDataError("--model needs --benchmarks FILE...")
+            benchmarks = [load_benchmark(path, args.format, args.limit) for path in args.benchmarks]
+            if not Path(args.model, "config.json").is_file():
+                raise EvalDataError(f"{args.model}: not a model directory (no config.json)")
         with MathVerifier() as verifier:
             if args.responses:
-                for path in args.responses:
-                    problems = load_responses(path, args.format)[: args.limit]
-                    results.append(score(problems, verifier, args.k))
+                results = [score(problems, verifier, args.k) for problems in scored]
             else:
-                if not args.benchmarks:
-                    print("eval: --model needs --benchmarks FILE...", file=sys.stderr)
-                    return 2
                 from scope_mega.rollout.engine import SamplingParams
                 from scope_mega.rollout.factory import make_engine
 
-                engine = make_engine(args.engine, args.model)
                 encode = load_encoder(args.model)
+                engine = make_engine(args.engine, args.model, **_engine_kwargs(args, benchmarks, encode))
                 sampling = SamplingParams(
                     n=args.n,
                     temperature=args.temperature,
@@ -228,20 +251,12 @@ def run_eval_cli(args) -> int:
                     max_new_tokens=args.max_new_tokens,
                     seed=args.seed,
                 )
-                for path in args.benchmarks:
-                    problems = load_benchmark(path, args.format, args.limit)
-                    results.append(
-                        evaluate_engine(
-                            engine,
-                            encode,
-                            problems,
-                            sampling,
-                            verifier,
-                            args.template,
-                            args.k,
-                            args.batch_size,
-                        )
+                results = [
+                    evaluate_engine(
+                        engine, encode, problems, sampling, verifier, args.template, args.k, args.batch_size
                     )
+                    for problems in benchmarks
+                ]
     except EvalDataError as e:
         print(f"eval error: {e}", file=sys.stderr)
         return 2

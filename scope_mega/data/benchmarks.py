@@ -15,8 +15,12 @@ the stored answer into a string the `MathVerifier` accepts:
 
 The format is told (`format=`) or detected: first from the file name (`aime24.jsonl` -> aime24),
 then from the first row's fields (`detect_format`). `load_benchmark` reads a benchmark's problems;
-`load_responses` reads a file of saved responses per problem (`response` or `responses`) next to its
-reference. A file that does not fit raises `EvalDataError`.
+`load_responses` reads a file of saved responses per problem (`response` or `responses`, a text or a
+list of texts) next to its reference. Whatever cannot be scored as it is raises `EvalDataError`, one
+line naming the file (and its line or row): a missing or unreadable file, a line that is not UTF-8, not
+JSON, nested too deeply to parse or not a JSON object, a missing or null question or reference, and
+responses that are null, empty or not texts (a null response is refused, not scored as the text
+"None": it is a generation that failed, and counting it as a wrong answer would hide that).
 
 Prompts: `render_prompt(template, question)` with a template named in `TEMPLATES` (the boxed-answer
 instruction in the chat formats of Qwen and Llama 3, or plain) or a literal one containing
@@ -119,15 +123,44 @@ class Problem:
     responses: list[str] = field(default_factory=list)  # scoring mode: saved responses
 
 
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false"}
+
+
+def _json_type(value: Any) -> str:
+    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON Lines file, one per non-blank line. A file that is missing or
+    unreadable, a line that is not UTF-8, not JSON, nested too deeply for the parser or not an object
+    raises `EvalDataError` naming the file and line."""
     rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
+    try:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
                 try:
-                    rows.append(json.loads(line))
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    message = f"{path}:{lineno}: not UTF-8 text (byte {e.start}); save it as UTF-8"
+                    raise EvalDataError(message) from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise EvalDataError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+                except RecursionError:
+                    raise EvalDataError(f"{path}:{lineno}: JSON nested too deeply to read") from None
+                if not isinstance(row, dict):
+                    raise EvalDataError(
+                        f"{path}:{lineno}: not a JSON object ({_json_type(row)}); each line must be one "
+                        "object with a problem's fields"
+                    )
+                rows.append(row)
+    except FileNotFoundError:
+        raise EvalDataError(f"{path}: no such file") from None
+    except OSError as e:  # a directory, no permission
+        raise EvalDataError(f"{path}: cannot read it ({e.strerror})") from None
     if not rows:
         raise EvalDataError(f"{path} has no rows")
     return rows
@@ -136,7 +169,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _to_problems(
     rows: list[dict[str, Any]], path: Path, fmt: str | None, name: str | None
 ) -> tuple[str, list[Problem]]:
-    fmt = fmt or detect_format(rows[0], path.name)
+    try:
+        fmt = fmt or detect_format(rows[0], path.name)
+    except EvalDataError as e:
+        raise EvalDataError(f"{path}: {e}") from None
     if fmt not in FORMATS:
         raise EvalDataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     spec = FORMATS[fmt]
@@ -146,6 +182,8 @@ def _to_problems(
         for key in (spec.question, spec.answer):
             if key not in row:
                 raise EvalDataError(f"{path} row {i}: format {fmt} needs field '{key}'")
+            if row[key] is None:
+                raise EvalDataError(f"{path} row {i}: field '{key}' is null; format {fmt} needs its value")
         try:
             answer = spec.convert(row[spec.answer])
         except EvalDataError as e:
@@ -177,7 +215,17 @@ def load_responses(path: str | Path, format: str | None = None) -> list[Problem]
                 f"{path} row {problem.index}: no responses field ({', '.join(RESPONSE_FIELDS)})"
             )
         value = row[key]
-        problem.responses = [str(r) for r in (value if isinstance(value, list) else [value])]
+        if value is None:
+            raise EvalDataError(f'{path} row {problem.index}: "{key}" is null; give a list of response texts')
+        responses = value if isinstance(value, list) else [value]
+        if not responses:
+            raise EvalDataError(f'{path} row {problem.index}: "{key}" is empty; give at least one response')
+        odd = [r for r in responses if not isinstance(r, str)]
+        if odd:
+            raise EvalDataError(
+                f'{path} row {problem.index}: "{key}" holds {_json_type(odd[0])}; each response must be text'
+            )
+        problem.responses = responses
     return problems
 
 
