@@ -30,7 +30,11 @@ matrices divided by TP, norms replicated; embedding on the first stage, output l
   GPU memory; KV cache = budget - weights (vLLM's own activation workspace is not subtracted); KV bytes
   per token = 2 (K and V) * layers * max(1, G / TP_e) * d * 2. The guide engine has its own budget
   (`guide.vllm_gpu_memory_utilization`); the transformers engine's is its weights plus the KV cache of
-  its driver's whole batch.
+  its driver's whole batch. vLLM on CPU (fp32, 4 bytes) is given its KV cache in tokens instead
+  (`vllm_kv_cache_tokens`, the same for the guide engine): budget = weights + that cache.
+  `gpu_memory_utilization` there would be a share of the whole machine for every rank (vLLM's CPU
+  rule), which two ranks on one node cannot both have; the tokens one step's rollouts hold at once are
+  known from the config, need nothing from the machine, and the plan counts them exactly.
 - PRM: bf16 weights / (TP * PP), stages taken as even; its forward holds one layer's activations for
   8 sequences.
   The PRM's and the guide's sizes come from their config.json where this machine can read it, else
@@ -145,6 +149,35 @@ def model_size_of_dir(path: str | None) -> ModelSize | None:
         return ModelSize.from_hf(transformers.AutoConfig.from_pretrained(path, local_files_only=True))
     except Exception:  # an architecture transformers does not know: no estimate, not an error
         return None
+
+
+VLLM_CPU_BLOCK_TOKENS = 128  # tokens per KV-cache block of vLLM's CPU attention (its block_size there)
+
+
+def vllm_cpu_kv_tokens(sequences: int, seq_tokens: int, max_model_len: int) -> int:
+    """The KV cache, in tokens, for `sequences` sequences of at most `seq_tokens` tokens at once on a
+    vLLM engine on CPU: each sequence takes whole blocks, vLLM holds one block back, and the cache
+    holds at least one `max_model_len` sequence (vLLM refuses to start otherwise). More requests than
+    that at once are queued by vLLM's scheduler: slower, never an error."""
+    per_seq = -(-seq_tokens // VLLM_CPU_BLOCK_TOKENS)
+    blocks = max(sequences * per_seq, -(-max_model_len // VLLM_CPU_BLOCK_TOKENS))
+    return (blocks + 1) * VLLM_CPU_BLOCK_TOKENS
+
+
+def vllm_kv_cache_tokens(cfg: RunConfig, replicas: int) -> int:
+    """The KV cache, in tokens, of one replica of a vLLM engine on CPU (module docstring): one RL
+    step's rollouts at once -- its share of `rl.prompts_per_step` (prompts are dealt round-robin to
+    the `replicas`) times `rl.group_size` samples, each as long as a prompt and `rollout.max_new_tokens`
+    can be (`data.max_prompt_tokens` for the math task; the model's `max_position_embeddings` bounds
+    both, and is the whole bound for Countdown, whose prompts the config does not bound)."""
+    from scope_mega.models.arch import load_hf_config
+
+    positions = load_hf_config(cfg.model.hf_config).max_position_embeddings
+    seq = positions
+    if cfg.data.task == "math":
+        seq = min(positions, cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
+    prompts = -(-cfg.rl.prompts_per_step // replicas)
+    return vllm_cpu_kv_tokens(prompts * cfg.rl.group_size, seq, positions)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -327,7 +360,10 @@ def make_plan(
     wbytes = 1 if (vllm and cfg.rollout.vllm_fp8_weights) else (2 if target == "cuda" else 4)
     e_weights = a.total() * wbytes // etp
     kv_tok = a.kv_bytes_per_token(etp, 2 if target == "cuda" else 4)
-    if vllm:
+    cpu_kv_tokens = vllm_kv_cache_tokens(cfg, world // etp) if vllm and target == "cpu" else 0
+    if cpu_kv_tokens:
+        budget = e_weights + cpu_kv_tokens * kv_tok
+    elif vllm:
         budget = int(cfg.rollout.vllm_gpu_memory_utilization * gpu_mem)
     else:  # the transformers engine: its weights and the KV cache of the driver's whole batch
         budget = e_weights + seqs_per_rank * seq * kv_tok
@@ -367,10 +403,13 @@ def make_plan(
     elif scope_on:
         roles.append(Role("PRM", 0, 0, 0, "oracle (task checker, no GPU)"))
     if scope_on and cfg.scope.guide == "engine":
-        _, n, source = _helper_params(cfg.guide.guide_model, cfg.guide.guide_params_b, "guide_params_b")
+        g_size, n, source = _helper_params(cfg.guide.guide_model, cfg.guide.guide_params_b, "guide_params_b")
         roles.append(Role(f"guide engine ({cfg.rollout.engine})", etp, 1, world // etp, source))
         g_weights = n * wbytes // etp
-        g_budget = int(cfg.guide.vllm_gpu_memory_utilization * gpu_mem) if vllm else g_weights
+        if cpu_kv_tokens:  # the guide's own KV bytes per token where its config is readable
+            g_budget = g_weights + cpu_kv_tokens * (g_size or a).kv_bytes_per_token(etp, 4)
+        else:
+            g_budget = int(cfg.guide.vllm_gpu_memory_utilization * gpu_mem) if vllm else g_weights
         helpers["guide"] = Helper(n, source, g_weights, g_budget)
     elif scope_on:
         roles.append(Role("guide", 0, 0, 0, f"{cfg.scope.guide} (no GPU)"))

@@ -20,6 +20,13 @@ from the task's own `decode`. So EOS ids are passed as stop tokens, and stop str
 the finished completions (cut after the token that completes the first stop string: the same tokens,
 text and reason as stopping there, since later tokens never influence earlier ones).
 
+KV cache: on CUDA, `gpu_memory_utilization` of the GPU (weights and KV cache). On CPU, vLLM would read
+that share as one of the whole machine, for every rank (two ranks at 0.5 took all of it); the engine
+is told its KV cache in tokens instead (`kv_cache_tokens`; the trainer passes
+`plan.vllm_kv_cache_tokens`, one step's rollouts) and hands vLLM `kv_cache_memory_bytes` for them;
+not told, room for one `max_model_len` sequence. `VLLM_CPU_KVCACHE_SPACE`, where set, still wins
+(vLLM applies it after the engine's arguments).
+
 Sleep (CUDA only): `sleep()` releases the KV cache, and at level 1 offloads the weights, at level 2
 drops them; a weight update wakes only the weights, and `wake_up()` the rest, so weights are back
 before the KV cache is allocated. vLLM's CPU build has no sleep mode: there `sleep`/`wake_up` do
@@ -36,6 +43,7 @@ from typing import Any
 
 import torch
 
+from scope_mega.plan import ModelSize, vllm_cpu_kv_tokens
 from scope_mega.rollout.engine import Completion, Decode, SamplingParams, StopChecker, WeightUpdate
 from scope_mega.rollout.weight_sync import CheckedStream, hf_parameter_shapes
 from scope_mega.validation import check_vllm_serves
@@ -140,6 +148,7 @@ class VLLMEngine:
         seed: int = 0,
         max_model_len: int | None = None,
         sleep_level: int = 1,
+        kv_cache_tokens: int | None = None,
         **llm_kwargs: Any,
     ) -> None:
         # The engine core must live in this process: weights are loaded into its model directly.
@@ -162,13 +171,14 @@ class VLLMEngine:
         if not on_cuda:
             _launch_unique_cpu_shm_names()
         stored = any(name.endswith((".safetensors", ".bin")) for name in os.listdir(model_dir))
+        dtype = dtype or ("bfloat16" if on_cuda else "float32")
         kwargs = dict(
             model=model_dir,
             skip_tokenizer_init=True,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             quantization=quantization,
-            dtype=dtype or ("bfloat16" if on_cuda else "float32"),
+            dtype=dtype,
             seed=seed,
             max_model_len=max_model_len,
             enable_sleep_mode=on_cuda,
@@ -176,6 +186,12 @@ class VLLMEngine:
             # no stored weights: vLLM's dummy init, to be replaced by update_weights before any generate
             load_format="auto" if stored else "dummy",
         )
+        if not on_cuda:
+            longest = max_model_len or hf_config.max_position_embeddings
+            tokens = kv_cache_tokens or vllm_cpu_kv_tokens(1, longest, longest)
+            dtype_bytes = 4 if dtype == "float32" else 2
+            per_token = ModelSize.from_hf(hf_config).kv_bytes_per_token(tensor_parallel_size, dtype_bytes)
+            kwargs.update(kv_cache_memory_bytes=tokens * per_token)
         if dist.is_initialized():
             world = dist.get_world_size()
             if world % tensor_parallel_size:
