@@ -5,12 +5,19 @@ Extraction (ours, linear time, runs in the caller's process): the content of the
 "The answer is" or "answer:". Equivalence (math-verify's `parse` + `verify`, sympy underneath) runs in
 a persistent worker subprocess, because sympy can spend unbounded time in C code (`10^{10^{10^{10}}}`,
 huge factorials) where math-verify's own `signal.alarm` timeout cannot reach and which would stall the
-trainer: the worker gets whole batches, answers item by item, and is killed and restarted when one item
-exceeds `timeout_s`; that item is reported as `reason="timeout"`, the rest of the batch is resent.
+trainer: the worker gets whole batches, answers item by item, and is killed when one item exceeds
+`timeout_s`; that item is reported as `reason="timeout"`, the rest of the batch is resent.
+
+Workers are forked from a zygote: a process that imports math-verify and warms it up (a few checks
+that pay sympy's lazy setup, 2-3 s more), then only forks. A replacement worker is up within
+milliseconds of the kill, with everything imported and warm, so the 3-5 s a fresh interpreter needs
+for that is paid once, at first use, and never by the call after a timeout (nor is a CPU spent on it
+while other items are being judged).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -23,8 +30,11 @@ import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from pathlib import Path
+
+import psutil
 
 from scope_mega.rewards.base import RewardConfig, Verifier, VerifyResult, make_result
 
@@ -105,24 +115,12 @@ def judge(answer: str, reference: str) -> tuple[bool, str]:
     return correct, "ok" if correct else "mismatch"
 
 
-def _worker_main(fd: int, memory_limit_mb: int, cpu_limit_s: int) -> None:
-    """Worker loop on connection `fd`: receive lists of (answer, reference), send one verdict per item.
-
-    Limits: address space (a 10^{10^{10}} fails with MemoryError instead of taking the node down) and CPU
-    seconds per item (the kernel kills the worker even if the parent died and cannot), no core dumps.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if memory_limit_mb > 0:
-        limit = memory_limit_mb << 20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def _serve(conn: Connection, cpu_limit_s: int) -> None:
+    """A worker's loop: receive lists of (answer, reference), send one verdict per item, each under a
+    CPU-time limit of `cpu_limit_s` more seconds (the kernel kills the worker even if the parent died
+    and cannot); returns when the parent closes its end or is gone."""
     cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": we are the timeout
-    import math_verify  # noqa: F401  (pay the import before reporting ready)
-
-    conn = Connection(fd)
     try:
-        conn.send("ready")
         while True:
             for answer, reference in conn.recv():
                 usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -135,29 +133,90 @@ def _worker_main(fd: int, memory_limit_mb: int, cpu_limit_s: int) -> None:
                 except Exception:
                     verdict = (False, "error")
                 conn.send(verdict)
+    except (EOFError, OSError):
+        return
+
+
+# math-verify's and sympy's lazy setup: the first check of each kind costs 0.5-2 s, later ones ~0.1 s
+_WARM_UP = (("1", "1"), ("(x+1)^2", "x^2+2x+1"), (r"\frac{\sqrt{2}}{2}", r"\sqrt{3}/2"))
+
+
+def _zygote_main(fd: int, memory_limit_mb: int, cpu_limit_s: int) -> None:
+    """The zygote's loop on connection `fd`: once math-verify is imported and warmed up (`_WARM_UP`),
+    each connection handle it receives gets a forked worker (`_serve`), and the worker's pid goes back.
+
+    Limits, inherited by the workers: address space (a 10^{10^{10}} fails with MemoryError instead of
+    taking the node down), no core dumps; Ctrl-C is the trainer's to handle. Workers are reaped by the
+    kernel (SIGCHLD ignored), so a killed one never lingers as a zombie.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if memory_limit_mb > 0:
+        limit = memory_limit_mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": we are the timeout
+    for answer, reference in _WARM_UP:  # paid here once, inherited by every worker
+        judge(answer, reference)
+
+    conn = Connection(fd)
+    try:
+        conn.send("ready")
+        while True:
+            handle = reduction.recv_handle(conn)
+            pid = os.fork()
+            if pid == 0:  # the worker: never back into this loop, whatever happens
+                try:
+                    conn.close()
+                    _serve(Connection(handle), cpu_limit_s)
+                finally:
+                    os._exit(0)
+            os.close(handle)
+            conn.send(pid)
     except (EOFError, OSError):  # the parent closed its end or is gone
         return
 
 
-_WORKER_COMMAND = (
-    "import sys; from scope_mega.rewards.math_verifier import _worker_main; "
-    "_worker_main(*map(int, sys.argv[1:]))"
+_ZYGOTE_COMMAND = (
+    "import sys; from scope_mega.rewards.math_verifier import _zygote_main; "
+    "_zygote_main(*map(int, sys.argv[1:]))"
 )
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
 def _stop_process(process: subprocess.Popen, conn: Connection) -> None:
-    """Kill and reap a worker; safe on a dead one. Also runs at garbage collection and interpreter exit."""
+    """Kill and reap the zygote; safe on a dead one. Also runs at garbage collection and interpreter exit."""
     conn.close()
     process.kill()
     process.wait()
 
 
+def _stop_worker(process: psutil.Process, conn: Connection) -> None:
+    """Kill a worker and wait until it is gone (the zygote's child: the kernel reaps it, but only while
+    the zygote lives, so the zygote is stopped after it); safe on a dead one. Also at exit."""
+    conn.close()
+    with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
+        process.kill()
+        process.wait(timeout=5)
+
+
 class _Worker:
-    """One verification subprocess and the parent's end of its connection.
+    """One verification process, forked by the zygote, and the parent's end of its connection."""
+
+    def __init__(self, conn: Connection, pid: int):
+        self.conn = conn
+        self.process = psutil.Process(pid)
+        self.stop = weakref.finalize(self, _stop_worker, self.process, conn)
+
+    def alive(self) -> bool:
+        return self.process.is_running()
+
+
+class _Zygote:
+    """The process every worker is forked from, and the parent's end of its connection.
 
     A fresh interpreter (`python -c`), not multiprocessing's spawn: spawn re-imports the caller's
-    `__main__` in the child, which breaks unguarded scripts and would load a whole trainer into the worker.
+    `__main__` in the child, which breaks unguarded scripts and would load a whole trainer into it.
     """
 
     def __init__(self, memory_limit_mb: int, cpu_limit_s: int):
@@ -165,7 +224,7 @@ class _Worker:
         fd = child_conn.fileno()
         pythonpath = os.pathsep.join(filter(None, [_PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_COMMAND, str(fd), str(memory_limit_mb), str(cpu_limit_s)],
+            [sys.executable, "-c", _ZYGOTE_COMMAND, str(fd), str(memory_limit_mb), str(cpu_limit_s)],
             pass_fds=(fd,),
             stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": pythonpath},
@@ -178,7 +237,7 @@ class _Worker:
         return self.process.poll() is None
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Block until the worker has imported math-verify."""
+        """Block until the zygote has imported math-verify."""
         if self.ready:
             return
         if not self.conn.poll(timeout_s):
@@ -190,6 +249,15 @@ class _Worker:
             self.stop()
             raise RuntimeError("math verifier worker died at startup (see its stderr above)") from None
         self.ready = True
+
+    def fork(self) -> _Worker:
+        """A new worker, connected through a fresh socket pair whose other end the zygote receives."""
+        mine, theirs = multiprocessing.Pipe()
+        try:
+            reduction.send_handle(self.conn, theirs.fileno(), self.process.pid)
+        finally:
+            theirs.close()
+        return _Worker(mine, self.conn.recv())
 
 
 @dataclass(frozen=True)
@@ -207,11 +275,13 @@ class MathVerifierConfig:
 class MathVerifier(Verifier):
     """Final-answer checker for math problems (thread-safe; call `close()` or use `with`).
 
-    The worker process starts on first use; it is also stopped at garbage collection and at exit.
+    The zygote and the first worker start on first use; they are also stopped at garbage collection
+    and at exit.
     """
 
     def __init__(self, config: MathVerifierConfig | None = None):
         self.config = config or MathVerifierConfig()
+        self._zygote: _Zygote | None = None
         self._worker: _Worker | None = None
         self._lock = threading.Lock()
 
@@ -248,11 +318,12 @@ class MathVerifier(Verifier):
         return results
 
     def close(self) -> None:
-        """Stop the worker process (a later call starts a new one)."""
+        """Stop the worker and the zygote (a later call starts new ones)."""
         with self._lock:
-            if self._worker is not None:
-                self._worker.stop()
-                self._worker = None
+            for process in (self._worker, self._zygote):
+                if process is not None:
+                    process.stop()
+            self._worker = self._zygote = None
 
     def __enter__(self) -> MathVerifier:
         return self
@@ -268,7 +339,6 @@ class MathVerifier(Verifier):
                 if self._worker is None or not self._worker.alive():
                     self._restart()
                 worker = self._worker
-                worker.wait_ready(self.config.startup_timeout_s)
                 pending = jobs[len(verdicts) :]
                 try:
                     worker.conn.send(pending)
@@ -288,7 +358,12 @@ class MathVerifier(Verifier):
         return verdicts
 
     def _restart(self) -> None:
-        """Kill the current worker (if any) and start a fresh one without waiting for it."""
+        """Kill the current worker (if any) and fork a fresh one from the zygote, which is started (and
+        waited for) only on first use or after it died."""
         if self._worker is not None:
             self._worker.stop()
-        self._worker = _Worker(self.config.memory_limit_mb, int(self.config.timeout_s) + 5)
+            self._worker = None
+        if self._zygote is None or not self._zygote.alive():
+            self._zygote = _Zygote(self.config.memory_limit_mb, int(self.config.timeout_s) + 5)
+        self._zygote.wait_ready(self.config.startup_timeout_s)
+        self._worker = self._zygote.fork()
