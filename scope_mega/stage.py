@@ -28,7 +28,7 @@ from scope_mega.config import OptimConfig, RunConfig, to_dict
 from scope_mega.logging import MetricsLogger, is_rank0
 from scope_mega.models.gpt import ModelSpec, build_gpt_model
 from scope_mega.run_dir import has_checkpoint, latest_checkpoint
-from scope_mega.runtime import preemption
+from scope_mega.runtime import preemption, writer_queue
 from scope_mega.runtime.distributed import init_distributed
 from scope_mega.runtime.offload import TrainerOffload
 from scope_mega.train_step import TrainState, setup_training
@@ -59,6 +59,7 @@ def start_stage(cfg: RunConfig, name: StageName) -> torch.device:
     validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), stage=name)
     device = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.device, cfg.seed)
     preemption.install_handlers()
+    writer_queue.install_writer_results_queue()  # its helper process dies with this one
     return device
 
 
