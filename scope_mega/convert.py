@@ -5,7 +5,10 @@ Import runs one process per TP x PP shard: under torchrun or srun (WORLD_SIZE / 
 to tp*pp) every process converts its shard; started as one plain process it spawns tp*pp local
 processes itself. Export runs in one process. Errors print one line and exit with status 2: bad input
 is a `ConfigError` (`ConversionError` from the converters and for the arguments here) or what
-`models.arch` cannot build (`ArchError`).
+`models.arch` cannot build (`ArchError`); an `OSError` (a full disk, a folder that cannot be written)
+names its file. An error in any spawned process or writer thread reaches this status with its own
+line (`runtime.spawn` re-raises the first failing process's exception in the parent). On any error
+nothing is left under `--out`'s name, `<out>.tmp-*` included.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ import argparse
 import os
 import re
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from scope_mega.config import ConfigError
+
+if TYPE_CHECKING:
+    from scope_mega.weights.files import CreateFile
 
 ERROR_EXIT_CODE = 2
 _SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -107,7 +113,7 @@ def _launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
 
 
-def _import(args) -> None:
+def _import(args, create_file: CreateFile) -> None:
     from scope_mega.runtime.spawn import spawn_local
     from scope_mega.weights.hf_to_megatron import import_worker, plan_import
     from scope_mega.weights.mapping import ConversionError
@@ -116,42 +122,38 @@ def _import(args) -> None:
     params = (args.hf_dir, args.out, tp, pp, args.force, args.make_vocab_size_divisible_by)
     world = _launched_world_size()
     if world == tp * pp:
-        import_worker(*params)
+        import_worker(*params, create_file)
     elif world == 1:
         plan_import(*params)  # bad input fails here, in one line, before any process starts
-        spawn_local(import_worker, tp * pp, *params)
+        spawn_local(import_worker, tp * pp, *params, create_file)
     else:
         raise ConversionError(
             f"launched {world} processes; --tp {tp} --pp {pp} needs {tp * pp} (or start one)"
         )
 
 
-def _export(args) -> None:
+def _export(args, create_file: CreateFile) -> None:
     from scope_mega.weights.megatron_to_hf import export_hf_checkpoint
 
-    export_hf_checkpoint(args.megatron_dir, args.out, args.force, args.hf_config, args.max_shard_size)
+    source, size = args.megatron_dir, args.max_shard_size
+    export_hf_checkpoint(source, args.out, args.force, args.hf_config, size, create_file)
 
 
-def _child_error(exc: BaseException) -> str:
-    """The last line of a failed worker's traceback, without the exception's module path."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    last = lines[-1] if lines else repr(exc)
-    return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
-
-
-def run_convert(args) -> int:
-    """Run the conversion `args` describe; on failure print one line and return a non-zero status."""
-    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+def run_convert(args, create_file: CreateFile | None = None) -> int:
+    """Run the conversion `args` describe; on failure print one line and return a non-zero status.
+    Output files are opened with `create_file` (default: `files.create_for_writing`)."""
+    from torch.multiprocessing import ProcessExitedException
 
     from scope_mega.models.arch import ArchError
+    from scope_mega.weights.files import create_for_writing
 
     try:
-        (_import if args.direction == "hf-to-megatron" else _export)(args)
-    except (ConfigError, ArchError) as e:
+        (_import if args.direction == "hf-to-megatron" else _export)(args, create_file or create_for_writing)
+    except (ConfigError, ArchError, OSError) as e:
         print(f"convert error: {e}", file=sys.stderr)
         return ERROR_EXIT_CODE
-    except (ProcessRaisedException, ProcessExitedException) as e:
-        print(f"convert error: {_child_error(e)}", file=sys.stderr)
+    except ProcessExitedException as e:  # a process that died without raising (a signal)
+        print(f"convert error: {e}", file=sys.stderr)
         return ERROR_EXIT_CODE
     if int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) == 0:
         print(f"wrote {args.out}")

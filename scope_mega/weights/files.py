@@ -1,8 +1,15 @@
 """Files of a conversion: lazy safetensors reading, streamed sharded safetensors writing, the HF side
-files (config, tokenizer, generation config), and output directories that appear only when complete."""
+files (config, tokenizer, generation config), and output directories that appear only when complete.
+
+Output files are opened by a `CreateFile` (`create_for_writing` unless a caller passes another, e.g.
+a test's failing file). A sharded safetensors output is read back and checked against its plan
+(every header, every file's size, the index) before `close` returns, so a directory published after
+it holds exactly what was planned; a failed write names the tensor and the file.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -13,8 +20,7 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -224,6 +230,9 @@ class DirectFile(io.RawIOBase):
             super().close()
 
 
+CreateFile = Callable[[str | Path], BinaryIO]
+
+
 def create_for_writing(path: str | Path) -> BinaryIO:
     """A new (or truncated) file at `path` for a conversion's output: a `DirectFile` where the file
     system takes O_DIRECT, else an ordinary buffered file (tmpfs, for one, refuses it)."""
@@ -259,11 +268,18 @@ class SafetensorsShardWriter:
     Shards are planned up front from the tensors' names, shapes and dtypes (at most `max_shard_bytes`
     each; a larger tensor gets a shard of its own), so each shard's header is written first and each
     tensor's bytes go to disk as soon as `write` receives it: memory never holds more than the
-    tensor being written. Tensors must arrive in plan order.
+    tensor being written. Tensors must arrive in plan order. Files are opened with `create_file`.
     """
 
-    def __init__(self, out_dir: str | Path, plan: list[TensorPlan], max_shard_bytes: int):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        plan: list[TensorPlan],
+        max_shard_bytes: int,
+        create_file: CreateFile = create_for_writing,
+    ):
         self.dir = Path(out_dir)
+        self.create_file = create_file
         self.shards: list[list[TensorPlan]] = []
         size = 0
         for item in plan:
@@ -285,14 +301,24 @@ class SafetensorsShardWriter:
         shard, item = self.pending.pop(0)
         if (name, tuple(tensor.shape), tensor.dtype) != (item.name, item.shape, item.dtype):
             raise ValueError(f"expected {item} next, got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        if shard != self.shard:
-            self._open(shard)
-        self.handle.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
-        if not self.pending or self.pending[0][0] != shard:
-            self.handle.close()
-            self.handle = None
+        try:
+            if shard != self.shard:
+                self.handle = self.create_file(self.files[shard])  # closed after the shard's last tensor
+                self.handle.write(self._header(shard))
+                self.shard = shard
+            self.handle.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+            if not self.pending or self.pending[0][0] != shard:
+                self.handle, handle = None, self.handle
+                handle.close()
+        except OSError as e:
+            if self.handle is not None:
+                with contextlib.suppress(OSError):
+                    self.handle.close()
+                self.handle = None
+            raise ConversionError(f"writing {name} to {self.files[shard]} failed: {e}") from e
 
-    def _open(self, shard: int) -> None:
+    def _header(self, shard: int) -> bytes:
+        """The 8-byte length and JSON header of `shard`, padded so that data starts 8-byte aligned."""
         header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for item in self.shards[shard]:
@@ -302,17 +328,43 @@ class SafetensorsShardWriter:
             offset = end
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        self.handle = create_for_writing(self.files[shard])  # closed after the shard's last tensor
-        self.handle.write(struct.pack("<Q", len(raw)) + raw)
-        self.shard = shard
+        return struct.pack("<Q", len(raw)) + raw
+
+    def _weight_map(self) -> dict[str, str]:
+        return {item.name: f.name for f, shard in zip(self.files, self.shards) for item in shard}
 
     def close(self) -> None:
-        """Check everything planned was written, then write the index."""
+        """Check everything planned was written, write the index, and check the output (`verify`)."""
         if self.pending:
             raise ValueError(f"{len(self.pending)} planned tensors never written, e.g. {self.pending[0][1]}")
-        weight_map = {item.name: f.name for f, shard in zip(self.files, self.shards) for item in shard}
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self._weight_map()}
         (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        self.verify()
+
+    def verify(self) -> None:
+        """Read the output back: the index names every planned tensor in its shard, and each shard
+        starts with its planned header and has exactly the planned size; else `ConversionError`."""
+        index_path = self.dir / INDEX_NAME
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"{index_path} cannot be read back ({e})") from None
+        if index.get("weight_map") != self._weight_map():
+            raise ConversionError(f"{index_path} does not list the {len(self._weight_map())} planned tensors")
+        for shard, path in enumerate(self.files):
+            header = self._header(shard)
+            planned = len(header) + sum(item.nbytes for item in self.shards[shard])
+            try:
+                with open(path, "rb") as f:
+                    found, size = f.read(len(header)), os.fstat(f.fileno()).st_size
+            except OSError as e:
+                raise ConversionError(f"{path} cannot be read back ({e})") from None
+            if found != header:
+                raise ConversionError(f"{path}: its header is not the one written (the output is damaged)")
+            if size != planned:
+                raise ConversionError(
+                    f"{path} holds {size} bytes, planned {planned}: the output is incomplete"
+                )
 
 
 def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
@@ -354,7 +406,7 @@ def publish(tmp: Path, out: str | Path) -> None:
         shutil.rmtree(old)
 
 
-@contextmanager
+@contextlib.contextmanager
 def atomic_output_dir(out: str | Path, force: bool) -> Iterator[Path]:
     """Yield a temp dir beside `out`; on success it becomes `out`, on any failure it is removed."""
     check_output_dir(out, force)

@@ -10,22 +10,31 @@ and the result is an ordinary `torch_dist` checkpoint the trainer loads at any T
     <out>/model/   torch_dist checkpoint of the unwrapped GPTModel's sharded_state_dict() (no prefix)
     <out>/hf/      the HF config, generation config, tokenizer files: what export needs to go back
 
-Everything is written under `<out>.tmp-XXXXXXXX` and renamed to `<out>` only when complete.
+Contract: bad input (arguments, config, missing, extra or wrongly shaped tensors) fails in `plan_import`,
+before any process group or file exists, with one `ConversionError` line naming the tensor and file.
+Everything is written under `<out>.tmp-XXXXXXXX`; an error in any rank or writer thread fails every
+rank and removes it. It is renamed to `<out>` only once rank 0 has read its index back and checked it
+against the files (`check_import_output`: every tensor, every chunk, every file's size).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import queue
 import shutil
+import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 import torch
 import torch.distributed as dist
 import transformers
 
-from scope_mega.config import ModelConfig, ParallelConfig, RunConfig
+from scope_mega.config import ConfigError, ModelConfig, ParallelConfig, RunConfig
 from scope_mega.models import arch
 from scope_mega.validation import validate
 from scope_mega.weights import files
@@ -42,6 +51,9 @@ from scope_mega.weights.mapping import (
     megatron_layout,
     some_names,
 )
+from scope_mega.weights.megatron_ckpt import MegatronCheckpoint
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,13 +70,18 @@ class ImportPlan:
 def plan_import(
     hf_dir: str | Path, out: str | Path, tp: int, pp: int, force: bool, vocab_divisible_by: int = 128
 ) -> ImportPlan:
-    """Check the HF checkpoint (supported family, TP/PP fit, files complete, every tensor mapped)."""
+    """Check the arguments and the HF checkpoint (supported family, TP/PP fit, files complete, every
+    tensor mapped and of the shape its config implies)."""
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--make-vocab-size-divisible-by", vocab_divisible_by)):
+        if value < 1:
+            raise ConversionError(f"{flag} must be >= 1, got {value}")
     if not Path(hf_dir).is_dir():
         raise ConversionError(f"HF checkpoint directory {hf_dir} does not exist")
     hf = arch.load_hf_config(hf_dir)
     family_for(hf)
     ckpt = files.HFCheckpoint(hf_dir)
     check_hf_tensors(hf, ckpt.names)
+    check_hf_shapes(hf, ckpt)
     exact = "bfloat16" if {t.dtype for t in ckpt.tensors.values()} == {torch.bfloat16} else "float32"
     model = ModelConfig(
         hf_config=structure_only(hf),
@@ -100,6 +117,27 @@ def check_hf_tensors(hf: transformers.PretrainedConfig, present: list[str]) -> N
         tied = bool(getattr(hf, "tie_word_embeddings", False))
         raise ConversionError(
             f"HF tensors not used by the {family} mapping (tie_word_embeddings={tied}): {some_names(unused)}"
+        )
+
+
+def check_hf_shapes(hf: transformers.PretrainedConfig, checkpoint: files.HFCheckpoint) -> None:
+    """Every HF tensor has the shape transformers' own model of `hf` gives it (built on the meta
+    device: no memory), so a wrongly shaped tensor fails here, named, before anything is written."""
+    with torch.device("meta"):
+        if is_prm(hf):
+            from scope_mega.weights.hf_prm import Qwen2ForProcessRewardModel
+
+            model = Qwen2ForProcessRewardModel(hf)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(hf)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    wrong = [n for n, t in checkpoint.tensors.items() if n in expected and t.shape != expected[n]]
+    if wrong:
+        name, more = wrong[0], f" ({len(wrong) - 1} more tensors too)" if len(wrong) > 1 else ""
+        t, config = checkpoint.tensors[name], checkpoint.dir / "config.json"
+        raise ConversionError(
+            f"HF tensor {name} in {t.path} has shape {t.shape}, but {config} implies {expected[name]}"
+            f"{more}: the weights and their config disagree"
         )
 
 
@@ -159,7 +197,12 @@ class ChunkSource:
         return out.view(full_sizes)
 
 
-def save_streaming(model: torch.nn.Module, source: ChunkSource, model_dir: Path) -> None:
+def save_streaming(
+    model: torch.nn.Module,
+    source: ChunkSource,
+    model_dir: Path,
+    create_file: files.CreateFile = files.create_for_writing,
+) -> None:
     """Collective: `dist_checkpointing.save(model.sharded_state_dict(), model_dir)` for a model whose
     parameters are on the meta device, each chunk's data coming from `source` as it is written.
 
@@ -170,7 +213,12 @@ def save_streaming(model: torch.nn.Module, source: ChunkSource, model_dir: Path)
     own: the writer keeps the last chunk of every key it wrote to a file until that file is closed
     (embedding and output layer of the whole model, in one file per rank). The zip records' CRC32 is
     not computed: `torch.load` never checks it, and it costs as much time as writing the bytes. Files
-    are written with O_DIRECT where the file system takes it (`files.DirectFile`).
+    are written with O_DIRECT where the file system takes it (`files.DirectFile`), or opened with
+    `create_file(path)` when given.
+
+    Errors: one in any writer thread (torch's own writer loses those: the file stays empty, its chunk
+    is left out of the index, and the save succeeds) stops the save and is raised on every rank,
+    an `OSError` or `ConfigError` as a `ConversionError` naming the tensor chunk and the file.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import (
@@ -181,8 +229,10 @@ def save_streaming(model: torch.nn.Module, source: ChunkSource, model_dir: Path)
     )
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
-    from torch.distributed.checkpoint.filesystem import FileSystem
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.filesystem import FileSystem, _write_files_from_queue
     from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+    from torch.futures import Future
     from torch.utils.serialization import config as serialization_config
 
     class ChunkPlanner(MCoreSavePlanner):
@@ -202,8 +252,54 @@ def save_streaming(model: torch.nn.Module, source: ChunkSource, model_dir: Path)
                 with super().create_stream(path, mode) as stream:
                     yield stream
                 return
-            with files.create_for_writing(path) as stream:
-                yield stream
+            with create_file(path) as stream:
+                watched = WatchedStream(stream)
+                try:
+                    yield watched
+                except Exception:
+                    if watched.error is not None:  # the cause, not torch's "unexpected pos" after it
+                        raise watched.error from None
+                    raise
+
+    class CheckedWriter(FileSystemWriter):
+        """torch's writer, with `_write_data` rewritten so that an error in any writer thread reaches
+        the caller once every thread has stopped (each takes no new file after the first error)."""
+
+        def _write_data(self, planner, file_queue: queue.Queue) -> Future:
+            results: queue.Queue = queue.Queue()
+            errors: list[BaseException] = []
+
+            def work() -> None:
+                while not errors:
+                    try:
+                        entry = file_queue.get_nowait()  # (path, file name, [one write item])
+                    except queue.Empty:
+                        return
+                    one: queue.Queue = queue.Queue()
+                    one.put(entry)
+                    try:
+                        _write_files_from_queue(
+                            self.fs.create_stream, one, results, planner, self.transforms,
+                            self.per_thread_copy_ahead, self.sync_files, self.thread_count,
+                            self.serialization_format,
+                        )  # fmt: skip
+                    except BaseException as e:  # noqa: BLE001 (raised below, in the caller's thread)
+                        errors.append(write_error(entry[0], entry[2], e))
+
+            threads = [threading.Thread(target=work) for _ in range(1, self.thread_count)]
+            for t in threads:
+                t.start()
+            work()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+            written = []
+            while not results.empty():
+                written += results.get_nowait()
+            done: Future = Future()
+            done.set_result(written)
+            return done
 
     class StreamingSave(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
@@ -211,10 +307,13 @@ def save_streaming(model: torch.nn.Module, source: ChunkSource, model_dir: Path)
                 sharded_state_dict, self.keep_only_main_replica
             )
             planner = ChunkPlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
-            writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=2)
+            writer = CheckedWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=2)
             writer.fs = DirectFileSystem()
-            with serialization_config.patch({"save.compute_crc32": False}):
-                dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer, planner=planner)
+            try:
+                with serialization_config.patch({"save.compute_crc32": False}):
+                    dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer, planner=planner)
+            except CheckpointException as e:  # every rank's failures, gathered: raise the first one's
+                raise e.failures[min(e.failures)][0] from None
 
     with warnings.catch_warnings():  # Megatron's translation uses torch's deprecated ShardedTensor
         warnings.filterwarnings("ignore", message=".*ShardedTensor", category=FutureWarning)
@@ -222,7 +321,53 @@ def save_streaming(model: torch.nn.Module, source: ChunkSource, model_dir: Path)
         dist_checkpointing.save(model.sharded_state_dict(), str(model_dir), sharded_strategy=strategy)
 
 
-def write_megatron_checkpoint(plan: ImportPlan, device: torch.device, model_dir: Path, build=None) -> None:
+class WatchedStream(io.RawIOBase):
+    """An output stream as DCP's `torch.save` writes to it, keeping the first `OSError` a write raised
+    (a full disk): torch's C++ zip writer drops it and fails later with "unexpected pos ..."."""
+
+    def __init__(self, stream: BinaryIO):
+        super().__init__()
+        self.stream, self.error = stream, None
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:  # DCP fsyncs it (without one, it would sync every file system)
+        return self.stream.fileno()
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+    def write(self, data) -> int:
+        try:
+            return self.stream.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
+def write_error(path: str, items: list, error: BaseException) -> BaseException:
+    """What to raise for `error` while writing the DCP write `items` to `path`: an `OSError` (a full
+    disk, say) or a `ConfigError` (input the checks before could not see) as a `ConversionError`
+    naming the tensor chunk and the file; anything else (a bug) unchanged."""
+    if not isinstance(error, (OSError, ConfigError)):
+        return error
+    item = items[0]
+    what = item.index.fqn
+    if item.tensor_data is not None:
+        what += f" (chunk at {tuple(item.tensor_data.chunk.offsets)})"
+    converted = ConversionError(f"writing {what} to {path} failed: {error}")
+    converted.__cause__ = error
+    return converted
+
+
+def write_megatron_checkpoint(
+    plan: ImportPlan,
+    device: torch.device,
+    model_dir: Path,
+    build=None,
+    create_file: files.CreateFile = files.create_for_writing,
+) -> None:
     """Collective: build this rank's stage on the meta device (no weights in memory), check that the
     stages together cover every HF tensor and bind every parameter, and stream-save `model_dir`.
 
@@ -236,7 +381,7 @@ def write_megatron_checkpoint(plan: ImportPlan, device: torch.device, model_dir:
     unused = sorted(set(plan.checkpoint.names).difference(*everyone))
     if unused:  # same verdict on every rank: all raise together
         raise ConversionError(f"HF tensors not written to any Megatron parameter: {some_names(unused)}")
-    save_streaming(model, ChunkSource(plan.hf, plan.checkpoint), model_dir)
+    save_streaming(model, ChunkSource(plan.hf, plan.checkpoint), model_dir, create_file)
 
 
 def build_model(plan: ImportPlan, device: torch.device):
@@ -251,9 +396,16 @@ def build_model(plan: ImportPlan, device: torch.device):
 
 
 def import_worker(
-    hf_dir: str, out: str, tp: int, pp: int, force: bool = False, vocab_divisible_by: int = 128
+    hf_dir: str,
+    out: str,
+    tp: int,
+    pp: int,
+    force: bool = False,
+    vocab_divisible_by: int = 128,
+    create_file: files.CreateFile = files.create_for_writing,
 ) -> None:
-    """Run on every rank of a world of exactly tp*pp processes (torchrun, srun or `spawn_local`)."""
+    """Run on every rank of a world of exactly tp*pp processes (torchrun, srun or `spawn_local`);
+    output files are opened with `create_file`."""
     from scope_mega.runtime.distributed import destroy_distributed, init_distributed
 
     plan = plan_import(hf_dir, out, tp, pp, force, vocab_divisible_by)
@@ -261,24 +413,57 @@ def import_worker(
     try:
         if dist.get_world_size() != tp * pp:
             raise ConversionError(f"launched {dist.get_world_size()} processes for --tp {tp} --pp {pp}")
-        rank = dist.get_rank()
-        box = [None]
-        if rank == 0:
-            box[0] = files.new_temp_dir(out)
-            (box[0] / "model").mkdir()
-        dist.broadcast_object_list(box, src=0)
-        tmp: Path = box[0]
+        tmp: Path = on_rank0(lambda: new_import_dir(out))
         try:
-            write_megatron_checkpoint(plan, device, tmp / "model")
-            if rank == 0:
-                files.copy_side_files(hf_dir, tmp / "hf")
-            dist.barrier()
-            if rank == 0:
-                files.publish(tmp, out)
+            # returns on rank 0 once every rank's chunks are written (DCP gathers their results)
+            write_megatron_checkpoint(plan, device, tmp / "model", create_file=create_file)
+            on_rank0(lambda: publish_import(plan, hf_dir, tmp, out))
         except BaseException:
-            if rank == 0:
+            if dist.get_rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        dist.barrier()
     finally:
         destroy_distributed()
+
+
+def new_import_dir(out: str | Path) -> Path:
+    """A fresh `<out>.tmp-XXXXXXXX` with an empty `model/`, where the ranks write."""
+    tmp = files.new_temp_dir(out)
+    (tmp / "model").mkdir()
+    return tmp
+
+
+def on_rank0(fn: Callable[[], T]) -> T:
+    """Collective: `fn()` on rank 0; its result on every rank, or its exception raised on every rank
+    (so no rank waits for a peer that has failed)."""
+    box: list = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except Exception as e:  # noqa: BLE001 (raised below, on every rank)
+            box[1] = e
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+def publish_import(plan: ImportPlan, hf_dir: str | Path, tmp: Path, out: str | Path) -> None:
+    """Add the HF side files to the written `tmp`, check it is complete, and rename it to `out`."""
+    files.copy_side_files(hf_dir, tmp / "hf")
+    check_import_output(plan.hf, tmp)
+    files.publish(tmp, out)
+
+
+def check_import_output(hf: transformers.PretrainedConfig, folder: Path) -> None:
+    """Raise `ConversionError` unless `folder` is a complete import of a model of config `hf`: its
+    `model/` index (read back) lists exactly the tensors the mapping writes, each fully covered by
+    chunks whose bytes are in files of the sizes the index says, and `hf/` holds the config."""
+    keys = {
+        b.megatron if b.layer is None else LAYER_PREFIX_MEGATRON + b.rule.megatron
+        for b in bindings(hf)
+        if b.rule.export
+    }
+    MegatronCheckpoint(folder / "model").check_complete(keys)
+    if not (folder / "hf" / "config.json").is_file():
+        raise ConversionError(f"{folder / 'hf' / 'config.json'} was not written")

@@ -6,7 +6,8 @@ A `torch_dist` checkpoint is a PyTorch Distributed Checkpoint (DCP) whose keys a
 keys. Layer tensors are stacked: `decoder.layers.<suffix>` has shape `[num_layers, ...]`, and fused
 gate/up is stored as `[gate; up]` over all TP ranks. Megatron's own `dist_checkpointing.load`
 needs a process group and, in a one-process world, every fragment of a key at once (all layers), so
-this reader reads exactly the slices asked for: memory is one layer's tensors.
+this reader reads exactly the slices asked for: memory is one layer's tensors. `check_complete` reads
+the index back and checks it against the files before a conversion publishes its output.
 
 Each stored chunk is one `torch.save` archive inside a DCP file. Its layout (shape, strides, dtype)
 comes from `torch.load` onto the meta device, and its bytes are read straight from their place in the
@@ -20,16 +21,22 @@ import io
 import itertools
 import math
 import os
+import pickle
 import sys
 import zipfile
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
 
 from scope_mega.weights import files
-from scope_mega.weights.mapping import LAYER_PREFIX_MEGATRON, ConversionError, unwrap
+from scope_mega.weights.mapping import LAYER_PREFIX_MEGATRON, ConversionError, some_names, unwrap
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
@@ -52,12 +59,50 @@ class MegatronCheckpoint:
         self.dir = Path(model_dir)
         if not (self.dir / ".metadata").is_file():
             raise ConversionError(f"{self.dir} is not a torch_dist checkpoint (no .metadata)")
-        meta = FileSystemReader(str(self.dir)).read_metadata()
-        self.tensors: dict[str, TensorStorageMetadata] = {
-            k: v for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
-        }
+        try:
+            meta = FileSystemReader(str(self.dir)).read_metadata()
+        except (EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
+            index = self.dir / ".metadata"
+            raise ConversionError(f"{index} cannot be read ({e}): the checkpoint is damaged") from None
+        entries = meta.state_dict_metadata.items()
+        self.tensors = {k: v for k, v in entries if isinstance(v, TensorStorageMetadata)}
+        self.byte_keys = [k for k, v in entries if isinstance(v, BytesStorageMetadata)]
         self.storage = meta.storage_data
         self.buffer = torch.empty(0, dtype=torch.uint8)
+
+    def check_complete(self, keys: set[str]) -> None:
+        """Raise `ConversionError` unless the index (`.metadata`, read back) lists exactly the tensors
+        `keys`, each covered by its stored chunks, every entry it lists has a place in a file, and
+        every file holds the bytes the index puts in it. A conversion calls this before publishing."""
+        if set(self.tensors) != keys:
+            missing, extra = sorted(keys - set(self.tensors)), sorted(set(self.tensors) - keys)
+            raise ConversionError(
+                f"{self.dir} holds {len(self.tensors)} tensors, expected {len(keys)} "
+                f"(missing: {some_names(missing) or 'none'}; unexpected: {some_names(extra) or 'none'})"
+            )
+        for key, md in self.tensors.items():
+            for chunk in md.chunks:
+                if MetadataIndex(key, chunk.offsets) not in self.storage:
+                    where = f"chunk {tuple(chunk.offsets)} of {key}"
+                    raise ConversionError(f"{self.dir}: {where} is in the index but was never written")
+            covered = sum(math.prod(chunk.sizes) for chunk in md.chunks)
+            if covered != math.prod(md.size):
+                shape = tuple(md.size)
+                raise ConversionError(f"{self.dir}: the stored chunks of {key} cover {covered} of {shape}")
+        for key in self.byte_keys:
+            if MetadataIndex(key) not in self.storage:
+                raise ConversionError(f"{self.dir}: {key} was never written")
+        sizes: dict[str, int] = {}
+        for index, info in self.storage.items():
+            path = self.dir / info.relative_path
+            if not path.is_file():
+                raise ConversionError(f"{path} is missing: the index puts {index.fqn} in it")
+            size = sizes.setdefault(info.relative_path, path.stat().st_size)
+            if size < info.offset + info.length or info.length <= 0:
+                raise ConversionError(
+                    f"{path} holds {size} bytes, but the index puts {info.length} bytes of "
+                    f"{index.fqn} at offset {info.offset}"
+                )
 
     def locate(self, name: str) -> tuple[str, int | None]:
         """(checkpoint key, layer index into its stacked first dim, or None for an unstacked key)."""

@@ -4,6 +4,10 @@ Reads one layer's tensors at a time from `<src>/model` (whatever TP/PP saved it)
 with the same rules as import (`mapping.to_hf`: QKV split, gate/up split, vocab trimmed to the HF
 `vocab_size`), casts to the HF config's dtype and streams them into shards planned from the
 checkpoint's metadata. Memory: one layer.
+
+Contract: the output is written under `<out>.tmp-XXXXXXXX`, read back and checked against its plan
+(`files.SafetensorsShardWriter.verify`: index, headers, sizes), and only then renamed to `<out>`; any
+failure removes it, and a failed write is a `ConversionError` naming the tensor and the file.
 """
 
 from __future__ import annotations
@@ -83,9 +87,11 @@ def export_hf_checkpoint(
     force: bool = False,
     hf_config: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    create_file: files.CreateFile = files.create_for_writing,
 ) -> Path:
     """Write `out` as an HF checkpoint (sharded safetensors + index, config, tokenizer files).
-    `megatron_dir` is a checkpoint directory, or a checkpoint root or `latest` marker naming one."""
+    `megatron_dir` is a checkpoint directory, or a checkpoint root or `latest` marker naming one;
+    output files are opened with `create_file`."""
     try:
         src = resolve_checkpoint(megatron_dir)
     except FileNotFoundError as e:  # a `latest` marker naming an incomplete checkpoint
@@ -102,7 +108,7 @@ def export_hf_checkpoint(
     dtype = hf_dtype(hf)
     plan = plan_hf_tensors(ckpt, items, dims, dtype)
     with files.atomic_output_dir(out, force) as tmp:
-        writer = files.SafetensorsShardWriter(tmp, plan, max_shard_bytes)
+        writer = files.SafetensorsShardWriter(tmp, plan, max_shard_bytes, create_file)
         for group in iter_layers(items):
             loaded = ckpt.read([b.megatron for b in group])
             for b in group:
