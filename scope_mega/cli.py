@@ -1,6 +1,8 @@
 """`scope-mega` command line: `sft`, and the other stages as they land.
 
-Config mistakes print one line (`config error: ...`) and exit with status 2, never a traceback.
+Config mistakes print one line (`config error: ...`) and exit with status 2, never a traceback. A
+checkpoint that cannot be written or read prints `checkpoint error: ...` (`run_dir.CheckpointError`),
+also exit status 2.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import argparse
 import sys
 
 from scope_mega.config import ConfigError
+from scope_mega.run_dir import CheckpointError
 from scope_mega.validation import load_config
 
 CONFIG_ERROR_EXIT_CODE = 2
@@ -116,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE
+    except CheckpointError as e:  # a checkpoint that cannot be written or read (scope_mega/checkpointing.py)
+        print(f"checkpoint error: {e}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
 
 

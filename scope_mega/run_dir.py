@@ -12,7 +12,9 @@ folder is named, and which checkpoint a path or a run means.
         hf_steps/step_00000010/  HF_EXPORT_STEPS: periodic HF exports during RL
 
 This module imports nothing from `scope_mega`: the checkpoint code, the weight exporters and
-`tools/sweep.py` all read the layout from here. A broken `latest` marker raises `FileNotFoundError`.
+`tools/sweep.py` all read the layout from here. A broken `latest` marker raises `FileNotFoundError`;
+a checkpoint that cannot be written or read is a `CheckpointError` (one line: which checkpoint, which
+file, what to do), which the CLI prints and exits 2 on.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its pres
 IN_PROGRESS = ".tmp"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read, in one line naming it (and its file where known)."""
+
+
 def step_name(step: int) -> str:
     """The folder name of step `step`'s checkpoint or export: `step_00000010`."""
     return f"step_{step:08d}"
@@ -37,6 +43,13 @@ def step_dirs(ckpt_root: str | Path) -> list[Path]:
     """The step folders under `ckpt_root`, oldest first, without those still being written."""
     root = Path(ckpt_root)
     return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(IN_PROGRESS))
+
+
+def stale_in_progress(ckpt_root: str | Path) -> list[Path]:
+    """What an interrupted save leaves under `ckpt_root`: `step_*.tmp` folders, and temp files of the
+    `latest` marker (`latest.tmp<pid>`). Stale once no run writes there (one run per run directory)."""
+    root = Path(ckpt_root)
+    return sorted([*root.glob(f"step_*{IN_PROGRESS}"), *root.glob(f"{LATEST}{IN_PROGRESS}*")])
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:

@@ -2,20 +2,23 @@
 resume, logging, and one `checkpoint_or_stop` after each step.
 
 A stage is `start_stage` (every config check for this launch's world size, then process groups and
-the preemption handlers: a config mistake stops before any rank starts work), `build_stage` (the
-policy, its starting weights unless the stage resumes, Megatron's DDP and optimizer, the resumed
-`TrainerState` from `<run_dir>/<checkpoints>/latest`), `open_logger`, then the stage's own loop, which
-calls `checkpoint_or_stop(stage)` after each step and `checkpoint_or_stop(stage, final=True)` at its
-end. That one function owns the save interval (`checkpoint.save_interval`), preemption (SIGUSR1 or
-SIGTERM: every rank finishes its step, checkpoints, and exits with `PREEMPTED_EXIT_CODE` for the
-Slurm requeue) and the final save (skipped when the last step is already saved). Saves run with the
-optimizer state on the device (`TrainerOffload.on_device`: the RL stage keeps it on the host between
-updates).
+the preemption handlers: a config mistake stops before any rank starts work), `build_stage` (what
+interrupted saves left removed, the policy, its starting weights unless the stage resumes, Megatron's
+DDP and optimizer, the resumed `TrainerState` from `<run_dir>/<checkpoints>/latest`; a damaged
+checkpoint or one of another architecture is a one-line `run_dir.CheckpointError`), `open_logger`,
+then the stage's own loop, which calls `checkpoint_or_stop(stage)` after each step and
+`checkpoint_or_stop(stage, final=True)` at its end. That one function owns the save interval
+(`checkpoint.save_interval`), preemption (SIGUSR1 or SIGTERM: every rank finishes its step,
+checkpoints, and exits with `PREEMPTED_EXIT_CODE` for the Slurm requeue) and the final save (skipped
+when the last step is already saved). Saves run with the optimizer state on the device
+(`TrainerOffload.on_device`: the RL stage keeps it on the host between updates); a save that cannot
+be written is a one-line `run_dir.CheckpointError` (`checkpointing.save_checkpoint`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,17 +26,18 @@ from pathlib import Path
 
 import torch
 
-from scope_mega.checkpointing import TrainerState, load_checkpoint, save_checkpoint
+from scope_mega.checkpointing import TrainerState, load_checkpoint, load_weights, save_checkpoint
 from scope_mega.config import OptimConfig, RunConfig, to_dict
 from scope_mega.logging import MetricsLogger, is_rank0
 from scope_mega.models.gpt import ModelSpec, build_gpt_model
-from scope_mega.run_dir import has_checkpoint, latest_checkpoint
+from scope_mega.run_dir import has_checkpoint, latest_checkpoint, stale_in_progress
 from scope_mega.runtime import preemption, writer_queue
 from scope_mega.runtime.distributed import init_distributed
 from scope_mega.runtime.offload import TrainerOffload
 from scope_mega.train_step import TrainState, setup_training
 from scope_mega.validation import StageName, validate
-from scope_mega.weights.megatron_ckpt import load_model_weights
+
+START_WEIGHTS = {"sft": "checkpoint.load_weights", "rl": "rl.init_from"}  # the option naming them
 
 
 @dataclass
@@ -74,17 +78,34 @@ def build_stage(
     offload: bool = False,
 ) -> Stage:
     """The policy with its optimizer, resumed from `<run_dir>/<checkpoints>/latest` when there is one
-    (and `checkpoint.resume`), else starting from `init_weights` (None: Megatron's initialisation)."""
+    (and `checkpoint.resume`), else starting from `init_weights` (None: Megatron's initialisation).
+    What interrupted saves left in the checkpoint root goes first (`remove_stale_saves`). Starting
+    weights that are damaged or of another architecture raise `run_dir.CheckpointError`."""
     model, spec = build_gpt_model(cfg.model, cfg.parallel, device)
     ckpt_root = Path(cfg.run_dir) / checkpoints
+    remove_stale_saves(ckpt_root)
     resume = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     if resume is None and init_weights is not None:
-        load_model_weights(init_weights, model)
+        load_weights(init_weights, model, START_WEIGHTS[name])
     state = setup_training(model, spec.vocab_size, optim, cfg.parallel, optimizer_steps)
     progress = load_checkpoint(resume, state) if resume else TrainerState()
     stage = Stage(cfg, name, device, model, spec, state, progress, ckpt_root, TrainerOffload(state, offload))
     stage.config_dict = to_dict(cfg)
     return stage
+
+
+def remove_stale_saves(ckpt_root: Path) -> None:
+    """On rank 0, remove what interrupted saves left in `ckpt_root` (`run_dir.stale_in_progress`: no
+    other run writes there, `start_stage` claimed the run directory), and say so in one line."""
+    stale = stale_in_progress(ckpt_root) if is_rank0() else []
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if stale:
+        names = ", ".join(p.name for p in stale)
+        print(f"removed what an interrupted save left in {ckpt_root}: {names}", flush=True)
 
 
 def open_logger(stage: Stage, total_steps: int, bar_keys: Sequence[str] = ("loss",)) -> MetricsLogger:
