@@ -57,3 +57,19 @@ def test_vllm_engine_on_cpu_passes_its_kv_cache_size_to_vllm(tmp_path, monkeypat
     assert received["kv_cache_memory_bytes"] == 1000 * per_token
     vllm_engine.VLLMEngine(str(tmp_path), decode=str)  # not told: room for one max_model_len sequence
     assert received["kv_cache_memory_bytes"] == (4 + 1) * 128 * per_token
+
+
+def test_eval_sizes_its_vllm_kv_cache_from_one_engine_call(tmp_path):
+    """`scope-mega eval --engine vllm`: --batch-size prompts x -n samples of the longest prompt plus
+    --max-new-tokens (here 2 problems, so 2 prompts per call)."""
+    from scope_mega.data.benchmarks import Problem
+    from scope_mega.eval import _engine_kwargs
+
+    transformers.LlamaConfig(**SERVABLE).save_pretrained(tmp_path)
+    args = SimpleNamespace(
+        engine="vllm", model=str(tmp_path), template="raw", batch_size=64, n=8, max_new_tokens=100
+    )
+    problems = [[Problem("a" * 20, "1", 0, "x"), Problem("a" * 50, "2", 1, "x")]]
+    kwargs = _engine_kwargs(args, problems, encode=lambda text: [0] * len(text))
+    assert kwargs == {"kv_cache_tokens": vllm_cpu_kv_tokens(2 * 8, 50 + 100, 512)}
+    assert _engine_kwargs(SimpleNamespace(engine="hf"), problems, encode=len) == {}
