@@ -2,13 +2,17 @@
 
 Only global rank 0 logs. `metrics.jsonl` holds one JSON object per step; on resume the lines past the
 resumed step (written by a run that died after its last checkpoint) are dropped so the file never
-holds a step twice.
+holds a step twice. A run killed while writing a line leaves it torn (no newline, not JSON): every
+reader (`read_metrics`) keeps the whole lines before it and leaves it out, saying so in one line on
+stderr, and a stage's logger rewrites the file at its start without it. A line that is not JSON
+anywhere else is damage no crash leaves: `read_metrics` raises a `ValueError` naming the file and line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +27,26 @@ def is_rank0() -> bool:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of `<run_dir>/metrics.jsonl` in order ([] without one), a torn last line left out."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{n} is not JSON and is not the last line: damaged") from None
+            print(
+                f"{path}: left out its torn last line (a run stopped while writing it), kept the "
+                f"{len(records)} whole lines before it: {line[:60]!r}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return records
 
 
 class MetricsLogger:
@@ -50,6 +70,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # the records up to the resumed step, a torn last line dropped: the file is rewritten whole
         kept = [m for m in read_metrics(run_dir) if m.get("stage") != stage or m["step"] <= start_step]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))

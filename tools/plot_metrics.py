@@ -4,13 +4,13 @@
 
 Writes RUN_DIR/plots/<stage>_<metric>.png for the main training curves, plots/rl_timing.png (each RL
 step's wall time stacked by phase) and, with --report, RUN_DIR/report.md: held-out results before and
-after each stage, with the plots linked.
+after each stage, with the plots linked. A torn last line of metrics.jsonl (a run killed while writing
+it) is left out with a one-line note (`scope_mega.logging.read_metrics`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -18,6 +18,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from scope_mega.logging import METRICS_FILE, read_metrics  # noqa: E402
 
 CURVES = {
     "sft": ["loss", "lr"],
@@ -37,14 +39,9 @@ CURVES = {
 PHASES = ["rollout", "verify", "scope", "offload", "ref_logprobs", "old_logprobs", "update", "sync"]
 
 
-def read(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def plot(run_dir: Path) -> list[Path]:
     """One PNG per (stage, metric) that has data; returns the written paths."""
-    rows, out = read(run_dir), []
+    rows, out = read_metrics(run_dir), []
     (run_dir / "plots").mkdir(exist_ok=True)
     for stage, names in CURVES.items():
         for name in names:
@@ -102,7 +99,7 @@ def phase_table(rows: list[dict]) -> list[str]:
 
 def report(run_dir: Path, plots: list[Path]) -> Path:
     """Markdown summary: held-out evaluation before/after, last training metrics, plots."""
-    rows = read(run_dir)
+    rows = read_metrics(run_dir)
     lines = [f"# Run report: {run_dir.name}", ""]
     sft_eval = [m for m in rows if m.get("stage") == "sft" and "heldout_acc_greedy" in m]
     if sft_eval:
@@ -141,8 +138,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--report", action="store_true", help="also write RUN_DIR/report.md")
     args = parser.parse_args()
-    if not (args.run_dir / "metrics.jsonl").is_file():
-        raise SystemExit(f"error: {args.run_dir}/metrics.jsonl not found; is this a run directory?")
+    if not (args.run_dir / METRICS_FILE).is_file():
+        raise SystemExit(f"error: {args.run_dir}/{METRICS_FILE} not found; is this a run directory?")
     plots = plot(args.run_dir)
     print(f"wrote {len(plots)} plots to {args.run_dir / 'plots'}")
     if args.report:
