@@ -1,8 +1,9 @@
 """`scope-mega` command line: `sft`, and the other stages as they land.
 
-Config mistakes print one line (`config error: ...`) and exit with status 2, never a traceback. A
-checkpoint that cannot be written or read prints `checkpoint error: ...` (`run_dir.CheckpointError`),
-also exit status 2.
+Config mistakes print one line (`config error: ...`) and exit with status 2 (`CONFIG_ERROR_EXIT_CODE`),
+never a traceback; under a launcher (torchrun, srun) only the first rank of each node prints it
+(`stage.start_stage`). A checkpoint that cannot be written or read prints `checkpoint error: ...`
+(`run_dir.CheckpointError`), also exit status 2.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import sys
 
 from scope_mega.config import ConfigError
 from scope_mega.run_dir import CheckpointError
-from scope_mega.validation import load_config
-
-CONFIG_ERROR_EXIT_CODE = 2
+from scope_mega.validation import CONFIG_ERROR_EXIT_CODE, load_config
 
 
 def _add_run_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:

@@ -171,7 +171,10 @@ class RLConfig(Checked):
     eval_interval: int = field(default=10, metadata=ge(0))  # 0: evaluate only before and after training
     num_eval_problems: int = field(default=100, metadata=ge(1))
     eval_samples: int = field(default=8, metadata=ge(1))  # n samples per eval problem for pass@k / avg@k
-    init_from: str | None = None  # checkpoint directory with the warm-started policy (e.g. the SFT run)
+    # the checkpoint RL starts from: a checkpoint root (e.g. an SFT run's `checkpoints`, its newest), a
+    # step_* folder, or converted weights (`convert hf-to-megatron`); unset: this run directory's own
+    # SFT checkpoint, which must exist; "random": Megatron's random initialisation, asked for by name
+    init_from: str | None = None
     # the RL learning rate (the `optim` schedule is the SFT stage's): constant, or decayed over the run's
     # optimizer steps to rl.min_lr (linear or cosine), which settles the final policy; a resumed run keeps
     # the schedule its checkpoint started with (Megatron's scheduler state), even if rl.steps changed
@@ -318,7 +321,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: '{part}' is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            why = str(e).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not YAML ({why}); quote it") from None
     return data
 
 

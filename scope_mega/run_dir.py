@@ -10,6 +10,8 @@ folder is named, and which checkpoint a path or a run means.
             latest               LATEST: the name of the newest complete checkpoint, replaced last
         hf/                      HF_EXPORT: the policy at the end of RL, as an HF model directory
         hf_steps/step_00000010/  HF_EXPORT_STEPS: periodic HF exports during RL
+        run.lock                 RUN_LOCK: the running stage's lock and its pid and host
+                                 (`validation.claim_run_dir`): one run per run directory
 
 This module imports nothing from `scope_mega`: the checkpoint code, the weight exporters and
 `tools/sweep.py` all read the layout from here. A broken `latest` marker raises `FileNotFoundError`;
@@ -28,6 +30,8 @@ HF_EXPORT = "hf"
 HF_EXPORT_STEPS = "hf_steps"
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence means complete
 IN_PROGRESS = ".tmp"
+RUN_LOCK = "run.lock"
+RANDOM_INIT = "random"  # rl.init_from=random: RL from Megatron's initialisation, asked for by name
 
 
 class CheckpointError(ValueError):
@@ -81,7 +85,9 @@ def has_checkpoint(ckpt_root: str | Path, step: int) -> bool:
 def rl_start_weights(run_dir: str | Path, init_from: str | None) -> Path | None:
     """The checkpoint the RL policy starts from: `init_from` (a checkpoint root's newest checkpoint, or a
     checkpoint directory as it is) when given, else the newest checkpoint of the run's SFT stage (None:
-    there is none)."""
+    there is none, or `init_from` is RANDOM_INIT)."""
+    if init_from == RANDOM_INIT:
+        return None
     if init_from:
         path = Path(init_from)
         return latest_checkpoint(path) or path

@@ -1,8 +1,9 @@
 """The skeleton every training stage shares (SFT and RL): start, the model and its training state,
 resume, logging, and one `checkpoint_or_stop` after each step.
 
-A stage is `start_stage` (every config check for this launch's world size, then process groups and
-the preemption handlers: a config mistake stops before any rank starts work), `build_stage` (what
+A stage is `start_stage` (every config check for this launch's world size, the run directory claimed
+for this run, then process groups and the preemption handlers: a config mistake, or a run directory
+another run holds or this user cannot write, stops before any rank starts work), `build_stage` (what
 interrupted saves left removed, the policy, its starting weights unless the stage resumes, Megatron's
 DDP and optimizer, the resumed `TrainerState` from `<run_dir>/<checkpoints>/latest`; a damaged
 checkpoint or one of another architecture is a one-line `run_dir.CheckpointError`), `open_logger`,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +29,17 @@ from pathlib import Path
 import torch
 
 from scope_mega.checkpointing import TrainerState, load_checkpoint, load_weights, save_checkpoint
-from scope_mega.config import OptimConfig, RunConfig, to_dict
+from scope_mega.config import ConfigError, OptimConfig, RunConfig, to_dict
 from scope_mega.logging import MetricsLogger, is_rank0
 from scope_mega.models.gpt import ModelSpec, build_gpt_model
 from scope_mega.run_dir import has_checkpoint, latest_checkpoint, stale_in_progress
 from scope_mega.runtime import preemption, writer_queue
-from scope_mega.runtime.distributed import init_distributed
+from scope_mega.runtime.distributed import dist_env_from_environ, init_distributed
 from scope_mega.runtime.offload import TrainerOffload
 from scope_mega.train_step import TrainState, setup_training
-from scope_mega.validation import StageName, validate
+from scope_mega.validation import StageName, claim_run_dir, validate
 
+REPORT_GRACE_S = 30.0  # how long a node's other ranks leave its first rank to report a config error
 START_WEIGHTS = {"sft": "checkpoint.load_weights", "rl": "rl.init_from"}  # the option naming them
 
 
@@ -58,9 +61,24 @@ class Stage:
 
 
 def start_stage(cfg: RunConfig, name: StageName) -> torch.device:
-    """Every config check of stage `name` for this launch (`WORLD_SIZE` processes), then this rank's
-    process groups and the preemption handlers. Returns the rank's device."""
-    validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), stage=name)
+    """Every config check of stage `name` for this launch (its processes: torchrun's `WORLD_SIZE`, else
+    Slurm's `SLURM_NTASKS`), the run directory claimed by global rank 0 for the process's life
+    (`validation.claim_run_dir`: one run per run directory), then this rank's process groups and the
+    preemption handlers. Returns the rank's device.
+
+    Every rank checks the same config and finds the same mistake: the first rank of each node raises
+    it at once (the CLI prints its one line and exits 2, and the launcher, torchrun or srun
+    --kill-on-bad-exit, stops the other ranks), the others only after `REPORT_GRACE_S`, so that one
+    line reports the mistake, and a mistake only they see (a file missing on their node) still does."""
+    env = dist_env_from_environ()
+    try:
+        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", env.world_size)), stage=name)
+    except ConfigError:
+        if env.local_rank:
+            time.sleep(REPORT_GRACE_S)
+        raise
+    if env.rank == 0:
+        claim_run_dir(cfg.run_dir, name)
     device = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.device, cfg.seed)
     preemption.install_handlers()
     writer_queue.install_writer_results_queue()  # its helper process dies with this one

@@ -5,10 +5,13 @@ mistake is a one-line `ConfigError` that names the key and the fix; the CLI prin
 `validate` runs, in this order (each a function below):
 - `_check_sections`: rules across sections (context parallel, the overlong buffer, the LR decay, THD
   packing's token budget, the SFT batch).
-- `_check_layout`: every model the config names against the parallel layout: the policy's heads, KV
-  groups and layers vs TP / PP, what `models.arch` cannot build (family, rope scaling, sliding window;
-  its `ArchError` becomes a `ConfigError`), and the PRM's KV heads vs TP where its config.json is
-  readable here.
+- `_check_layout`: every model the config names against the parallel layout: the policy's HF config
+  itself (an inline one names only keys its transformers config class knows, with a did-you-mean;
+  sizes are positive integers; what transformers refuses; heads a multiple of the KV heads, a hidden
+  size the heads divide, an even head size for RoPE, a positive norm epsilon and RoPE base, SwiGLU's
+  `silu`), its heads, KV groups and layers vs TP / PP, what `models.arch` cannot build (family, rope
+  scaling, sliding window; its `ArchError` becomes a `ConfigError`), and the PRM's KV heads vs TP
+  where its config.json is readable here.
 - `_check_device`, for `target`: None is this machine (`device` resolved here, Transformer Engine
   where it imports); "cuda" is a CUDA node seen from anywhere, a CPU login node included
   (`transformer_impl: auto` resolves to TE, the `[gpu]` extra assumed installed there; FP8 is
@@ -22,7 +25,18 @@ mistake is a one-line `ConfigError` that names the key and the fix; the CLI prin
 - `stage="rl"` (`_check_trainer`): what the RL trainer can run: vLLM against the world size and the
   models' heads, the oracle guide and PRM (Countdown only), the guide engine, off-policy clipping, the
   KL reference's starting weights, the PRM checkpoint, the task's inputs, the RL batch over the
-  data-parallel ranks, and on a CUDA node the memory plan for this node (`check_memory_here`).
+  data-parallel ranks, and on a CUDA node the memory plan for this node (`check_memory_here`); for a
+  run here that does not resume its own checkpoint, the weights it starts from (`_check_rl_start`):
+  `rl.init_from` names a checkpoint (not a run directory, which the message turns into the path to
+  use), or the run's SFT stage left one; `rl.init_from=random` asks for Megatron's initialisation.
+
+`claim_run_dir` (called by `stage.start_stage` on global rank 0, after `validate` and before any write):
+one run per run directory. It creates the directory, takes an exclusive `flock` on `<run_dir>/run.lock`
+for the process's life (the kernel releases it on any exit, SIGKILL included; on a shared filesystem
+the lock server does, NFS after its lease) and writes the holder's pid, host and stage into it. A
+directory another run holds, or one this process cannot write, is a one-line `ConfigError`. Where the
+filesystem has no `flock` (Lustre mounted without `-o flock`) it says so in one line and goes on.
+`CONFIG_ERROR_EXIT_CODE` (2) is the exit status of every config error.
 
 `load_config` (`parse_config` + `validate(cfg)`) is what `scope-mega sft|train CONFIG` reads a config
 with; `load_config_for_target` and `checked_plan` are `train --dry-run`'s: the config checked for a
@@ -37,7 +51,13 @@ and `run_dir`. Imported by the stages (`stage`), the CLI, the converters (`conve
 
 from __future__ import annotations
 
+import difflib
+import errno
+import fcntl
 import os
+import socket
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -52,6 +72,7 @@ if TYPE_CHECKING:
     from scope_mega.plan import Plan
 
 StageName = Literal["sft", "rl"]
+CONFIG_ERROR_EXIT_CODE = 2
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -140,7 +161,9 @@ def _check_sections(cfg: RunConfig) -> None:
 def _check_layout(cfg: RunConfig) -> transformers.PretrainedConfig:
     """The policy's and the PRM's shapes against TP / PP; returns the policy's HF config."""
     par = cfg.parallel
+    _check_hf_keys(cfg.model.hf_config)
     hf = _arch(arch.load_hf_config, cfg.model.hf_config)
+    _check_hf_fields(hf)
     heads, kv = hf.num_attention_heads, arch.num_kv_heads(hf)
     if heads % par.tp:
         raise ConfigError(
@@ -168,6 +191,53 @@ def _check_layout(cfg: RunConfig) -> transformers.PretrainedConfig:
                 f"parallel.tp={par.tp}, which must divide them"
             )
     return hf
+
+
+def _check_hf_keys(source: dict[str, Any] | str) -> None:
+    """An inline `model.hf_config` names only keys its architecture's transformers config knows (a
+    directory's config.json is its publisher's, read as it is)."""
+    family = source.get("model_type") if isinstance(source, dict) else None
+    if family not in arch.SUPPORTED_FAMILIES:
+        return  # `arch.load_hf_config` refuses it
+    known = arch.known_hf_keys(family)
+    for key in source:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            fix = f"did you mean '{close[0]}'?" if close else "remove it"
+            raise ConfigError(f"model.hf_config.{key} is not a field of transformers' {family} config; {fix}")
+
+
+def _check_hf_fields(hf: transformers.PretrainedConfig) -> None:
+    """What Megatron, RoPE or this package's SwiGLU build would refuse in a config transformers built."""
+    heads, kv = hf.num_attention_heads, arch.num_kv_heads(hf)
+    if heads % kv:
+        raise ConfigError(
+            f"model.hf_config: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv} "
+            f"(each KV head serves a whole group of query heads); choose a divisor of {heads}"
+        )
+    if not getattr(hf, "head_dim", None) and hf.hidden_size % heads:
+        raise ConfigError(
+            f"model.hf_config: hidden_size={hf.hidden_size} is not a multiple of "
+            f"num_attention_heads={heads}; choose a multiple of {heads}"
+        )
+    if arch.head_dim(hf) % 2:
+        raise ConfigError(
+            f"model.hf_config: the head size {arch.head_dim(hf)} is odd, and RoPE rotates pairs of channels; "
+            "choose hidden_size / num_attention_heads (or head_dim) even"
+        )
+    if not hf.rms_norm_eps > 0:
+        raise ConfigError(f"model.hf_config: rms_norm_eps must be > 0, got {hf.rms_norm_eps}")
+    try:
+        theta = arch.rope_theta(hf)
+    except (TypeError, ValueError):
+        theta = float("nan")
+    if not theta > 0:
+        raise ConfigError("model.hf_config: rope_theta (the RoPE base) must be a number > 0, e.g. 10000.0")
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        raise ConfigError(
+            f"model.hf_config: hidden_act={hf.hidden_act!r}, but the supported families' MLPs are SwiGLU "
+            "and this package builds them with silu; set hidden_act: silu"
+        )
 
 
 def _prm_model_in_use(cfg: RunConfig) -> bool:
@@ -298,6 +368,8 @@ def _check_trainer(cfg: RunConfig, world_size: int | None, target: str | None) -
 
         if problem := prm_architecture_problem(_arch(arch.load_hf_config, str(path / "hf"))):
             raise ConfigError(f"guide.prm_path={path}: {problem}")
+    if target is None:
+        _check_rl_start(cfg)
 
 
 def _check_resume(cfg: RunConfig, stage: StageName) -> None:
@@ -309,6 +381,47 @@ def _check_resume(cfg: RunConfig, stage: StageName) -> None:
             latest_checkpoint(Path(cfg.run_dir) / (SFT_CHECKPOINTS if stage == "sft" else RL_CHECKPOINTS))
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
+
+
+def _check_rl_start(cfg: RunConfig) -> None:
+    """The weights RL starts from exist here, where it uses them: when it does not resume its own
+    checkpoint (whose weights win), or for the KL reference."""
+    from scope_mega.run_dir import LATEST, RANDOM_INIT, RL_CHECKPOINTS, SFT_CHECKPOINTS, latest_checkpoint
+
+    init, run_dir = cfg.rl.init_from, Path(cfg.run_dir)
+    try:
+        resuming = cfg.checkpoint.resume and latest_checkpoint(run_dir / RL_CHECKPOINTS) is not None
+    except FileNotFoundError as e:  # a `latest` marker that points to an incomplete checkpoint
+        raise ConfigError(str(e)) from None
+    if init == RANDOM_INIT or (resuming and cfg.loss.kl_coef == 0):
+        return
+    if not init:
+        if _rl_start_weights(cfg) is None:
+            raise ConfigError(
+                f"the RL stage has no weights to start from: {run_dir / SFT_CHECKPOINTS} holds no SFT "
+                f"checkpoint and rl.init_from is unset; run the SFT stage into this run directory first "
+                f"(scope-mega sft CONFIG run_dir={run_dir}), set rl.init_from to a checkpoint, or set "
+                "rl.init_from=random to train from random weights"
+            )
+        return
+    path = Path(init)
+    if not path.exists():
+        raise ConfigError(
+            f"rl.init_from={init} does not exist; name a checkpoint (an SFT run's {SFT_CHECKPOINTS}/ folder, "
+            "a step_* folder in it, or `scope-mega convert hf-to-megatron` output), or rl.init_from=random"
+        )
+    roots = [path / name for name in (SFT_CHECKPOINTS, RL_CHECKPOINTS) if (path / name / LATEST).is_file()]
+    if roots and not (path / "model").is_dir():
+        raise ConfigError(
+            f"rl.init_from={init} is a run directory, not a checkpoint; use its checkpoints: "
+            f"rl.init_from={' or rl.init_from='.join(map(str, roots))}"
+        )
+    start = _rl_start_weights(cfg)
+    if not (start / "model").is_dir():
+        raise ConfigError(
+            f"rl.init_from={init} is not a checkpoint ({start} has no model/ folder); name an SFT run's "
+            f"{SFT_CHECKPOINTS}/ folder, a step_* folder in it, or `scope-mega convert hf-to-megatron` output"
+        )
 
 
 def _rl_start_weights(cfg: RunConfig) -> Path | None:
@@ -487,3 +600,61 @@ def check_memory_here(cfg: RunConfig, world_size: int) -> None:
         gpus_per_node=gpus or torch.cuda.device_count(),
         host_memory_gib=psutil.virtual_memory().total / GIB,
     )
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+_claimed: dict[Path, int] = {}  # run directory -> the descriptor of its held lock, for this process
+
+
+def claim_run_dir(run_dir: str | Path, stage: StageName) -> None:
+    """Make this process the one run in `run_dir` (module docstring): create it, lock its RUN_LOCK
+    file for the process's life and write the holder (pid, host, stage, start time) into it. Claiming
+    a directory this process already holds does nothing."""
+    from scope_mega.run_dir import RUN_LOCK
+
+    root = Path(run_dir).absolute()
+    if root in _claimed:
+        return
+    lock = root / RUN_LOCK
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(
+            f"run_dir {run_dir} is not writable ({e.strerror}: {e.filename}); choose a run_dir this user can "
+            "write, or fix its permissions"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = " ".join(lock.read_text(errors="replace").split()) or "one that has not named itself yet"
+        os.close(fd)
+        raise ConfigError(
+            f"run_dir {run_dir} is in use by another run ({holder}); wait for it to end or stop it, or "
+            "choose another run_dir"
+        ) from None
+    except OSError as e:  # no flock on this filesystem (ENOLCK, EOPNOTSUPP, ENOSYS)
+        os.close(fd)
+        print(
+            f"warning: cannot lock {lock} ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror}); nothing "
+            "stops a second run in this run_dir",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    holder = f"pid {os.getpid()} on host {socket.gethostname()}, stage {stage}, since {time.strftime('%c')}"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{holder}\n".encode(), 0)
+    _claimed[root] = fd
+
+
+def _release_in_child() -> None:
+    """A forked child does not inherit the run's locks: it closes its copies of their descriptors, so
+    the lock lives exactly as long as the run's own process."""
+    for fd in _claimed.values():
+        os.close(fd)
+    _claimed.clear()
+
+
+os.register_at_fork(after_in_child=_release_in_child)

@@ -5,12 +5,19 @@ epsilon, SwiGLU, QKV bias (Qwen2), q/k norm (Qwen3), RoPE base and Llama-3.1 rop
 embeddings, TP vocab padding, and the layer implementation (local or Transformer Engine).
 
 What it cannot build raises `ArchError` (a `ValueError`) with a one-line message; `validation` runs
-the same functions on a run's config first and reports that message as a `ConfigError`.
+the same functions on a run's config first and reports that message as a `ConfigError`. An HF config
+whose sizes are not positive integers, or whose values transformers itself refuses (types, rope
+parameters, hidden size vs heads), is such an `ArchError` naming the field and where it came from
+(`model.hf_config` or the directory's config.json), never transformers' own traceback.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +35,76 @@ class ArchError(ValueError):
     implementation the device cannot run; the message is one line and says how to fix it."""
 
 
+# The sizes of an HF config that must be positive integers (None, where allowed, means "derive it").
+SIZE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "vocab_size",
+)
+# Keys read beside a config class's fields: the legacy ones transformers 5 folds into them
+# (`rope_parameters`, `dtype`), and `head_dim`, which Qwen2's modeling and `head_dim` below read by getattr.
+EXTRA_HF_KEYS = ("rope_theta", "rope_scaling", "torch_dtype", "head_dim")
+QUOTES = "\"'"  # around a KeyError's message
+
+
 def load_hf_config(source: dict[str, Any] | str | Path) -> transformers.PretrainedConfig:
-    """An HF config from an inline dict (must name `model_type`) or a local directory / config.json."""
+    """An HF config from an inline dict (must name `model_type`) or a local directory / config.json.
+    The dict is copied, never changed."""
     if isinstance(source, dict):
         if "model_type" not in source:
             raise ArchError("model.hf_config must name a model_type, e.g. model_type: llama")
-        data = dict(source)
+        where, data = "model.hf_config", copy.deepcopy(source)
         family = data.pop("model_type")
         _check_family(family)
-        return transformers.AutoConfig.for_model(family, **data)
+        _check_sizes(data, where)
+        return _built(where, lambda: transformers.AutoConfig.for_model(family, **data))
     path = Path(source)
     if path.is_file():
         path = path.parent
-    if not (path / "config.json").is_file():
+    where = path / "config.json"
+    if not where.is_file():
         raise ArchError(f"model.hf_config: no config.json in {path}")
-    hf = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    _check_family(hf.model_type)
-    return hf
+    try:
+        data = json.loads(where.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ArchError(f"{where} is not a readable JSON file: {e}") from None
+    if not isinstance(data, dict):
+        raise ArchError(f"{where} must hold a JSON object")
+    _check_family(data.get("model_type"))
+    _check_sizes(data, str(where))
+    return _built(str(where), lambda: transformers.AutoConfig.from_pretrained(path, local_files_only=True))
+
+
+def _check_sizes(data: dict[str, Any], where: str) -> None:
+    for key in SIZE_FIELDS:
+        value = data.get(key)
+        if key not in data or (value is None and key in ("num_key_value_heads", "head_dim")):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ArchError(f"{where}: {key} must be a positive integer, got {value!r}")
+
+
+def _built(where: str, build: Callable[[], transformers.PretrainedConfig]) -> transformers.PretrainedConfig:
+    """`build()`, what transformers refuses in it (its field types, rope parameters, ...) as one line."""
+    try:
+        return build()
+    except Exception as e:  # transformers validates the values it is given, each check its own error type
+        cause = e.__cause__ or e
+        text = str(cause).strip() or type(cause).__name__
+        raise ArchError(f"{where}: {text.splitlines()[0].strip(QUOTES)}") from None
+
+
+@functools.cache
+def known_hf_keys(family: str) -> frozenset[str]:
+    """The keys an HF config of `family` may hold: its transformers config's fields, their aliases
+    (`attribute_map`) and EXTRA_HF_KEYS."""
+    hf = transformers.AutoConfig.for_model(family)
+    return frozenset(hf.to_dict()) | frozenset(hf.attribute_map) | frozenset(EXTRA_HF_KEYS)
 
 
 def _check_family(family: str) -> None:

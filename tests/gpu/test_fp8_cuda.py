@@ -80,7 +80,7 @@ def test_fp8_rollout_mismatch(tmp_path, fp8):
     _cli(
         "train", str(REPO / "examples/tiny_cpu.yaml"), f"run_dir={run}", "device=cuda", "wandb_mode=disabled",
         "model.params_dtype=bfloat16", "rl.steps=2", "rl.eval_interval=0", "rl.num_eval_problems=8",
-        "rl.dynamic_sampling=off",
+        "rl.dynamic_sampling=off", "rl.init_from=random",
         "rollout.engine=vllm", "rollout.vllm_gpu_memory_utilization=0.3", f"rollout.vllm_fp8_weights={fp8}",
     )  # fmt: skip
     steps = _rl_steps(run)

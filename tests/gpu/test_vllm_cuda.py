@@ -86,6 +86,7 @@ def test_one_rl_step_with_vllm_records_phase_memory(tmp_path):
         "device=cuda",
         "wandb_mode=disabled",
         "rl.steps=1",
+        "rl.init_from=random",  # no SFT stage first
         "rl.dynamic_sampling=off",  # every step updates, whatever the untrained policy earns
         "rl.eval_interval=0",
         "rl.num_eval_problems=8",
@@ -106,6 +107,7 @@ def test_one_rl_step_with_vllm_records_phase_memory(tmp_path):
 ONE_B_RL = [
     *ONE_B,
     "rl.steps=2",
+    "rl.init_from=random",  # no SFT stage first
     "rl.dynamic_sampling=off",  # every step updates, whatever the untrained policy earns
     "rl.eval_interval=0",
     "rl.num_eval_problems=8",

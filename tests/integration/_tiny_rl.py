@@ -23,6 +23,9 @@ TINY = [
     "rl.eval_samples=2",
     "rl.eval_interval=0",
     "rollout.max_new_tokens=12",
+    # no SFT stage first: RL from random weights, asked for (a test that starts from a checkpoint sets
+    # rl.init_from after these, and the later override wins)
+    "rl.init_from=random",
 ]
 
 
