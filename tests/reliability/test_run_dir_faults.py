@@ -149,6 +149,36 @@ def test_second_run_in_a_used_run_dir_is_refused(tmp_path):
     assert [m["step"] for m in read_metrics(run) if m["stage"] == "rl" and "loss" in m] == [1]
 
 
+def test_run_dir_lock_dies_with_its_run(tmp_path):
+    """The fast half of the test above: a run (a process that claimed the directory) holds it, with
+    its pid in the refusal; SIGKILLed, it frees it at once, even though a child it forked lives on
+    (the child does not inherit the lock)."""
+    from scope_mega.config import ConfigError
+    from scope_mega.validation import claim_run_dir
+
+    run = tmp_path / "run"
+    script = (
+        "import os, sys, time\n"
+        "from scope_mega.validation import claim_run_dir\n"
+        f"claim_run_dir({str(run)!r}, 'sft')\n"
+        "if os.fork() == 0:\n"
+        "    time.sleep(15)\n"
+        "    os._exit(0)\n"
+        "print('claimed', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(ConfigError, match=f"in use by another run \\(pid {holder.pid} on host "):
+            claim_run_dir(run, "rl")
+    finally:
+        holder.kill()
+        holder.wait()
+    claim_run_dir(run, "rl")
+    assert (run / "run.lock").read_text().startswith(f"pid {os.getpid()} on host {socket.gethostname()}")
+
+
 # --- item 6: a torn last line of metrics.jsonl ----------------------------------------------------
 
 
