@@ -26,6 +26,7 @@ from scope_mega.config import RunConfig
 from scope_mega.metrics import phase_memory
 from scope_mega.models.arch import load_hf_config
 from scope_mega.models.gpt import build_gpt_model
+from scope_mega.plan import vllm_kv_cache_tokens
 from scope_mega.rl.batch import MicroBatchLayout, micro_batch_layout
 from scope_mega.rl.rollouts import sampling_params
 from scope_mega.rollout.factory import make_engine
@@ -201,10 +202,12 @@ def build_engine(cfg: RunConfig, task: Task, model, name: str, served: Served):
     from scope_mega.rollout.collective import CollectiveEngine
 
     policy = name == "policy"
+    tp = cfg.rollout.vllm_tensor_parallel_size
     local = make_engine(
         "vllm",
         model,
-        tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size,
+        tensor_parallel_size=tp,
+        kv_cache_tokens=vllm_kv_cache_tokens(cfg, dist.get_world_size() // tp),  # used on CPU
         gpu_memory_utilization=(cfg.rollout if policy else cfg.guide).vllm_gpu_memory_utilization,
         quantization="fp8" if cfg.rollout.vllm_fp8_weights else None,
         sleep_level=cfg.rollout.vllm_sleep_level if policy else 1,  # a guide is never re-synced
