@@ -616,15 +616,21 @@ def claim_run_dir(run_dir: str | Path, stage: StageName) -> None:
     root = Path(run_dir).absolute()
     if root in _claimed:
         return
-    lock = root / RUN_LOCK
+    lock, problem = root / RUN_LOCK, None
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
+        problem = f"{e.strerror}: {e.filename}"
+    else:  # an earlier run's lock file opens even where the folder became read-only
+        if not os.access(root, os.W_OK | os.X_OK):
+            os.close(fd)
+            problem = f"no permission to write in {root}"
+    if problem:
         raise ConfigError(
-            f"run_dir {run_dir} is not writable ({e.strerror}: {e.filename}); choose a run_dir this user can "
-            "write, or fix its permissions"
-        ) from None
+            f"run_dir {run_dir} is not writable ({problem}); choose a run_dir this user can write, or fix "
+            "its permissions"
+        )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -309,20 +309,31 @@ def test_rl_init_from_missing_or_a_run_dir(tripwire, tmp_path, capsys):
 
 
 def test_read_only_run_dir_is_one_line(tripwire, tmp_path, capsys):
-    """A run directory under a folder nobody may write (immutable for root, mode 555 for a user):
-    one line naming the directory, exit 2, before any work."""
-    parent = tmp_path / "read_only"
-    parent.mkdir()
+    """A new run directory under a folder nobody may write, and a used one (an earlier run's lock file
+    inside) that became read-only (immutable for root, mode 555 for a user): one line naming the
+    directory, exit 2, before any work."""
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "run.lock").write_text("pid 1 on host elsewhere, stage sft, since yesterday\n")
+    for folder, run in ((tmp_path / "read_only", tmp_path / "read_only" / "run"), (used, used)):
+        folder.mkdir(exist_ok=True)
+        with _read_only(folder):
+            line = _refused(["sft", TINY_CPU, f"run_dir={run}", *SFT_TINY], capsys)
+        assert line.startswith(f"config error: run_dir {run} is not writable"), line
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    """`folder` read-only for this process, root included (chattr +i), for the `with` block."""
     root = os.geteuid() == 0
-    if root and subprocess.run(["chattr", "+i", str(parent)], capture_output=True).returncode:
+    if root and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
         pytest.skip("cannot make a folder read-only for root here (chattr +i)")
     if not root:
-        parent.chmod(0o555)
+        folder.chmod(0o555)
     try:
-        line = _refused(["sft", TINY_CPU, f"run_dir={parent / 'run'}", *SFT_TINY], capsys)
+        yield
     finally:
         if root:
-            subprocess.run(["chattr", "-i", str(parent)], check=True)
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
         else:
-            parent.chmod(0o755)
-    assert line.startswith(f"config error: run_dir {parent / 'run'} is not writable"), line
+            folder.chmod(0o755)
