@@ -55,6 +55,7 @@ from typing import Any
 import yaml
 
 from scope_mega.config import ConfigError, apply_overrides
+from scope_mega.logging import read_metrics
 from scope_mega.run_dir import LATEST, RL_CHECKPOINTS, SFT_CHECKPOINTS, step_name
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -251,7 +252,9 @@ def is_finished(run: Run, out: Path, stage: str) -> bool:
         return False
     if stage != "train":
         return True
-    return any(m.get("stage") == mstage and m.get("step") == steps and _eval_keys(m) for m in _metrics(rd))
+    return any(
+        m.get("stage") == mstage and m.get("step") == steps and _eval_keys(m) for m in read_metrics(rd)
+    )
 
 
 def run_one(run: Run, out: Path, stage: str, tokenizer_from: Path | None, python: str) -> dict[str, Any]:
@@ -301,13 +304,6 @@ def run_all(
 
 
 # ----------------------------------------------------------------------------- collecting
-def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _eval_keys(m: dict[str, Any]) -> list[str]:
     return [k for k in m if k.startswith("eval/")]
 
@@ -345,7 +341,7 @@ def collect(out: Path, stage: str = "rl", baseline: str | None = None) -> list[d
     missing = []
     for r in runs:
         rd = run_dir_of(r, out)
-        evals = [m for m in _metrics(rd) if m.get("stage", stage) == stage and _eval_keys(m)]
+        evals = [m for m in read_metrics(rd) if m.get("stage", stage) == stage and _eval_keys(m)]
         if not evals:
             missing.append(r.name)
             continue
@@ -413,7 +409,9 @@ def training_table(out: Path, stage: str = "rl") -> list[str]:
     run's steps) whose first wrong step is step k, from the PRM's `scope/first_error/k` counts."""
     per: dict[str, list[dict[str, float]]] = {}
     for r in read_runs(out):
-        steps = [m for m in _metrics(run_dir_of(r, out)) if m.get("stage", stage) == stage and "loss" in m]
+        steps = [
+            m for m in read_metrics(run_dir_of(r, out)) if m.get("stage", stage) == stage and "loss" in m
+        ]
         if not steps:
             continue
         values = {k: sum(m[k] for m in steps) / len(steps) for k in TRAINING if all(k in m for m in steps)}
