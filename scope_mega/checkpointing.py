@@ -27,7 +27,8 @@ Failures are one line, a `run_dir.CheckpointError`:
 - a save that cannot be written (any OSError; a full disk is ENOSPC, found in the error or, where a
   writer lost the errno, from the free space left) names the checkpoint folder and the reason on every
   rank (a rank's failure is shared before the next collective: no rank waits for one that stopped),
-  removes the `.tmp` folder and leaves `latest` as it was;
+  removes the `.tmp` folder and leaves `latest` as it was; a save is refused before it writes anything
+  when the disk has less room than the newest checkpoint takes;
 - a load names the damaged file (an unreadable `trainer_state.json`, index or RNG file, a shard shorter
   than its index says) and the way back: point `latest` at an earlier checkpoint; a checkpoint of
   another architecture (tensors or shapes the model does not have) does not fit the model, and the
@@ -233,8 +234,15 @@ def save_checkpoint(
 
 
 def _prepare(root: Path, tmp: Path) -> None:
+    """Rank 0: the empty `.tmp` folder, once the disk has room for another checkpoint as large as the
+    newest one (a save that would fill it is refused before it writes anything: Megatron writes some
+    files from rank 0 alone, and a failure there leaves the other ranks waiting in its collectives)."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+    done = step_dirs(root)
+    need = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()) if done else 0
+    if (free := shutil.disk_usage(root).free) < need:
+        raise OSError(errno.ENOSPC, f"{free} bytes free, {need} needed (the size of {done[-1].name})")
     for sub in ("model", "optim", "rng"):
         (tmp / sub).mkdir(parents=True)
 

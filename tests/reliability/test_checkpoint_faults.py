@@ -4,9 +4,10 @@ does, a save that runs out of disk says so in one line and leaves `latest` as it
 stage removes the `*.tmp` folders an interrupted save left, and a damaged checkpoint file or a
 checkpoint of another architecture is one line naming it, exit 2 through the CLI (item 7).
 
-Faults are injected, never real: the disk fills through Megatron's filesystem writer opening
-/dev/full (every write fails with ENOSPC, as on a full disk), files are damaged by truncating or
-garbling a copy of a good checkpoint. Each group of checks runs in one spawned process (a gloo
+Faults are injected, never real: the disk fills through Megatron's filesystem writer (or its
+`torch.save` of `common.pt`) opening /dev/full (every write fails with ENOSPC, as on a full disk) and
+`shutil.disk_usage` reporting no room; files are damaged by truncating or garbling a copy of a good
+checkpoint. Each group of checks runs in one spawned process (a gloo
 world), whose imports cost most of its time."""
 
 from __future__ import annotations
@@ -210,7 +211,21 @@ def test_rl_resumes_from_the_checkpoint_of_every_step(tmp_path, scenario):
 # --- item 5: the disk fills during a save --------------------------------------------------------------
 
 
+def _failed_save(root: Path, state, step: int) -> str:
+    """The save of `step` into `root`, which must fail: the error's type and text, and its cause's."""
+    from scope_mega.checkpointing import TrainerState, save_checkpoint
+
+    try:
+        save_checkpoint(root, state, TrainerState(step=step), config={})
+    except BaseException as err:  # noqa: B036 -- what today's code raises is part of the report
+        cause = err.__cause__
+        return f"{type(err).__name__}: {err}" + (f" <- {type(cause).__name__}: {cause}" if cause else "")
+    raise AssertionError("a save onto a full disk succeeded")
+
+
 def _full_disk_worker(tmp: str):
+    """DP=2, after a good step 1: step 2 on a disk with less room than a checkpoint (refused before
+    writing), then with rank 0's shard files on /dev/full (ENOSPC mid-write, in Megatron's writer)."""
     import builtins
 
     import megatron.core.dist_checkpointing.strategies.filesystem_async as writer
@@ -225,39 +240,77 @@ def _full_disk_worker(tmp: str):
     root = Path(tmp)
     save_checkpoint(root, state, TrainerState(step=1), config={})
     _step(state, 1, dev)
+    rank = dist.get_rank()
 
-    def full_disk(name, mode="r", *args, **kwargs):  # the shard files of this rank land on a full disk
-        if str(name).endswith(".distcp") and "w" in mode and dist.get_rank() == 0:
+    disk_usage = shutil.disk_usage
+    shutil.disk_usage = lambda path: disk_usage(path)._replace(free=1000)  # less than a checkpoint
+    try:
+        (root / f"little_room_{rank}.txt").write_text(_failed_save(root, state, 2))
+    finally:
+        shutil.disk_usage = disk_usage
+
+    def full_disk(name, mode="r", *args, **kwargs):
+        if str(name).endswith(".distcp") and "w" in mode and rank == 0:
             name = "/dev/full"
         return builtins.open(name, mode, *args, **kwargs)
 
     writer.open = full_disk
     try:
-        save_checkpoint(root, state, TrainerState(step=2), config={})
-    except BaseException as err:  # noqa: B036 -- what today's code raises is part of the report
-        message = f"{type(err).__name__}: {err}"
-    else:
-        raise AssertionError("a save onto a full disk succeeded")
+        (root / f"shards_{rank}.txt").write_text(_failed_save(root, state, 2))
     finally:
         del writer.open
-    (root / f"message_{dist.get_rank()}.txt").write_text(message)
     dist.barrier()
     assert load_checkpoint(root / "step_00000001", _state(dev)).step == 1  # `latest` still resumes
     destroy_distributed()
 
 
+def _no_errno_worker(tmp: str):
+    """One rank, its first save: Megatron's `common.pt` (a `torch.save` to a path, rank 0 alone) lands
+    on /dev/full, which torch reports without the errno ("unexpected pos ..."), on a disk with no room."""
+    from scope_mega.runtime.distributed import destroy_distributed, init_distributed
+
+    dev = init_distributed(device="cpu", seed=5)
+    state = _state(dev)
+    save, disk_usage = torch.save, shutil.disk_usage
+
+    def save_to_full_disk(obj, f, *args, **kwargs):
+        return save(obj, "/dev/full" if str(f).endswith("common.pt") else f, *args, **kwargs)
+
+    torch.save = save_to_full_disk
+    shutil.disk_usage = lambda path: disk_usage(path)._replace(free=0)
+    try:
+        (Path(tmp) / "no_errno.txt").write_text(_failed_save(Path(tmp), state, 1))
+    finally:
+        torch.save, shutil.disk_usage = save, disk_usage
+    destroy_distributed()
+
+
 def test_full_disk_during_a_save_names_the_folder_and_keeps_latest(tmp_path):
-    """Rank 0's shard files hit ENOSPC mid-save (DP=2): on every rank one line that names the
-    checkpoint folder and says the disk is full; no `.tmp` folder left; `latest` still names the
-    previous checkpoint, which loads."""
-    spawn_local(_full_disk_worker, 2, str(tmp_path))
-    for rank in (0, 1):
-        message = (tmp_path / f"message_{rank}.txt").read_text()
-        assert message.startswith("CheckpointError: ") and "\n" not in message, message
-        assert str(tmp_path / "step_00000002") in message, message
-        assert "disk is full" in message and "ENOSPC" in message, message
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000001"]
-    assert (tmp_path / "latest").read_text() == "step_00000001"
+    """A disk with less room than the last checkpoint took: refused before anything is written. Rank
+    0's shards hit ENOSPC mid-write (DP=2). Megatron's `common.pt` hits it, and torch's error lost the
+    errno (the issue's "unexpected pos 704 vs 598", or "basic_ios::clear: iostream error"), on a disk
+    left with no room. Each time, on every
+    rank: one line that names the checkpoint folder and says the disk is full; no `.tmp` folder left;
+    `latest` still names the previous checkpoint, which loads."""
+    spawn_local(_full_disk_worker, 2, str(tmp_path / "two"))
+    spawn_local(_no_errno_worker, 1, str(tmp_path / "one"))
+    two = [
+        (tmp_path / "two" / f"{fault}_{rank}.txt").read_text()
+        for fault in ("little_room", "shards")
+        for rank in (0, 1)
+    ]
+    no_errno = (tmp_path / "one" / "no_errno.txt").read_text()
+    assert " <- RuntimeError: " in no_errno and "Errno" not in no_errno, no_errno  # the errno was lost
+    for message in [*two, no_errno]:
+        line = message.split(" <- ")[0]
+        assert line.startswith("CheckpointError: ") and "\n" not in line, message
+        assert "step_0000000" in line and "the disk is full (ENOSPC)" in line, message
+    assert all(str(tmp_path / "two" / "step_00000002") in m for m in two), two
+    assert all(f"{tmp_path / 'two' / 'latest'} still names step_00000001" in m for m in two), two
+    assert "nothing is lost" in no_errno
+    assert sorted(p.name for p in (tmp_path / "two").glob("step_*")) == ["step_00000001"]
+    assert (tmp_path / "two" / "latest").read_text() == "step_00000001"
+    assert not list((tmp_path / "one").glob("step_*")) and not (tmp_path / "one" / "latest").exists()
 
 
 # --- stale *.tmp folders at the start of a stage -------------------------------------------------------
