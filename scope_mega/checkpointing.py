@@ -110,11 +110,10 @@ def _causes(error: BaseException | None) -> Iterator[BaseException]:
 
 
 def _describe(error: BaseException) -> str:
-    """The innermost error's type and first line (a `CheckpointException` is only a wrapper)."""
-    inner = [e for e in _causes(error) if not isinstance(e, CheckpointException)]
-    e = inner[-1] if inner else error
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+    """The error's type and first sentence (of a `CheckpointException`, a wrapper, its first failure's)."""
+    e = next((e for e in _causes(error) if not isinstance(e, CheckpointException)), error)
+    text = str(e).strip().split("\n")[0].split(". ")[0][:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _together(work: Callable[[], None] | None) -> None:
