@@ -78,7 +78,8 @@ def test_the_export_is_a_complete_hf_model_directory(run: Path):
         "model.safetensors.index.json",
         "tokenizer.model",
     ]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints_rl", "hf", "metrics.jsonl", "tokenizer"]
+    run_files = ["checkpoints_rl", "hf", "metrics.jsonl", "run.lock", "tokenizer"]  # run.lock: the run's lock
+    assert sorted(p.name for p in run.iterdir()) == run_files
     config = json.loads((hf / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert (config["dtype"], config["vocab_size"]) == ("float32", 128)
