@@ -74,17 +74,43 @@ class FullDisk(io.RawIOBase):
         super().close()
 
 
+class LosesBytes(FullDisk):
+    """An output file that keeps only the first half of every write but reports it all written, its
+    position included (a file system that loses data): only reading the output back can tell."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self.position = 0
+
+    def tell(self) -> int:
+        return self.position
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.file.write(view[: len(view) // 2])
+        self.position += len(view)
+        return len(view)
+
+
+def _number(path: Path) -> int:
+    """n of `__<rank>_<n>.distcp` or `model-<n>-of-<total>.safetensors`; 0 for any other file."""
+    if path.suffix == ".distcp":
+        return int(path.stem.split("_")[-1])
+    if path.suffix == ".safetensors":
+        return int(path.stem.split("-")[1])
+    return 0
+
+
+def losing_bytes_in_file_3(path: str | Path):
+    path = Path(path)
+    return LosesBytes(path) if _number(path) == 3 else files.create_for_writing(path)
+
+
 def full_disk_midway(path: str | Path):
     """`create_file` whose third output file (and each one after it) fills the disk: some files are
     complete, one is half-written when the error comes, in whichever writer thread writes it."""
     path = Path(path)
-    if path.suffix == ".distcp":  # __<rank>_<n>.distcp
-        number = int(path.stem.split("_")[-1])
-    elif path.suffix == ".safetensors":  # model-<n>-of-<total>.safetensors
-        number = int(path.stem.split("-")[1])
-    else:
-        number = 0
-    return FullDisk(path) if number >= 3 else files.create_for_writing(path)
+    return FullDisk(path) if _number(path) >= 3 else files.create_for_writing(path)
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -150,6 +176,23 @@ def test_export_writer_failing_mid_output_is_one_line_and_publishes_nothing(
     line = _one_error_line(capfd, run_convert(args, create_file=full_disk_midway))
     assert "No space left on device" in line and "model-00003-of-" in line and "model." in line, line
     assert _leftovers(out) == []
+
+
+def test_writer_losing_bytes_is_caught_before_publishing(capfd, imported: Path, tmp_path: Path):
+    """Writes that report success but lose data: import and export each read their output back, refuse
+    it in one line naming the short file, and publish nothing."""
+    hf, out = imported.parent / "hf", tmp_path / "out"
+    for argv, short_file in (
+        (("hf-to-megatron", "--hf-dir", str(hf), "--out", str(out)), "__0_3.distcp"),
+        (("megatron-to-hf", "--megatron-dir", str(imported), "--out", str(out)), "model-00003-of-"),
+    ):
+        args = _parse(*argv)
+        if args.direction == "megatron-to-hf":
+            args.max_shard_size = 10_000
+        capfd.readouterr()
+        line = _one_error_line(capfd, run_convert(args, create_file=losing_bytes_in_file_3))
+        assert short_file in line, line
+        assert _leftovers(out) == []
 
 
 def test_published_import_is_verified_against_its_index(imported: Path, tmp_path: Path):
