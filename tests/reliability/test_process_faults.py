@@ -41,6 +41,12 @@ def _alive(p: psutil.Process) -> bool:
 
 
 @pytest.mark.slow
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def test_no_process_outlives_a_sigkilled_trainer(tmp_path):
     run = tmp_path / "run"
     cmd = [
@@ -59,6 +65,7 @@ def test_no_process_outlives_a_sigkilled_trainer(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=_die_with_parent,  # a pytest killed from outside (a time box) takes it along
     )
     children: list[psutil.Process] = []
     try:
