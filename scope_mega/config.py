@@ -54,13 +54,20 @@ class ModelConfig(Checked):
     make_vocab_size_divisible_by: int = field(default=128, metadata=ge(1))
     init_method_std: float = field(default=0.02, metadata=gt(0))
     fp8: FP8Config = field(default_factory=FP8Config)
+    # activation recompute in the policy's training forwards (update and SFT): "selective" recomputes
+    # the cheap, large modules of each layer; "full" whole layers, `recompute_num_layers` at a time
+    # ("uniform": layers grouped in chunks of that size; "block": that many layers of each stage)
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_num_layers: int = field(default=1, metadata=ge(1))
 
 
 @dataclass
 class ParallelConfig(Checked):
     tp: int = field(default=1, metadata=ge(1))
     pp: int = field(default=1, metadata=ge(1))
-    cp: int = field(default=1, metadata=ge(1))  # context parallel: reserved, only 1 is supported today
+    cp: int = field(default=1, metadata=ge(1))  # context parallel: each sequence split over cp ranks
+    cp_comm_type: Literal["p2p", "a2a", "allgather"] = "p2p"  # Transformer Engine's CP attention exchange
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
 
@@ -160,7 +167,8 @@ class RLConfig(Checked):
     group_size: int = field(default=8, metadata=ge(2))  # GRPO compares samples within a group
     micro_batch_size: int = field(default=16, metadata=ge(1))
     # when set, micro-batches are packed by this token budget instead (rl/packing.py; a longer sequence
-    # gets a micro-batch of its own) and rl.micro_batch_size is not used; the padding is logged
+    # gets a micro-batch of its own) and rl.micro_batch_size is not used; the padding is logged. The
+    # budget is per GPU: at parallel.cp > 1 a micro-batch packs budget x cp tokens, split over the cp ranks
     max_tokens_per_micro_batch: int | None = field(default=None, metadata=ge(1))
     # the layout of packed micro-batches: "padded" (rows of similar lengths, rows x longest row within
     # the budget), "thd" (the sequences end to end in one row, attention within each by cu_seqlens, no
