@@ -176,6 +176,10 @@ class RLConfig(Checked):
     # variable-length attention, or the local one a sequence at a time), "auto": thd where the
     # layers are Transformer Engine's, padded elsewhere
     packing: Literal["auto", "padded", "thd"] = "auto"
+    # samples move between data-parallel replicas before the update so that each trains on about the same
+    # number of tokens (rl/balance.py; advantages are computed before, on each sample's own replica); the
+    # imbalance (max over mean of the replicas' tokens) is logged before and after. Nothing runs at DP=1
+    balance_tokens: bool = True
     eval_interval: int = field(default=10, metadata=ge(0))  # 0: evaluate only before and after training
     num_eval_problems: int = field(default=100, metadata=ge(1))
     eval_samples: int = field(default=8, metadata=ge(1))  # n samples per eval problem for pass@k / avg@k

@@ -20,6 +20,7 @@ from functools import partial
 
 from scope_mega.config import RunConfig
 from scope_mega.metrics import phase_memory, timed, weighted_mean
+from scope_mega.rl.balance import balance_samples
 from scope_mega.rl.batch import Sample, no_loss_sample, to_micro_batches
 from scope_mega.rl.roles import RLRun, driven, setup_rl, step_guide, sync_policy_weights
 from scope_mega.rl.rollouts import evaluate, rollout_and_rectify, rollout_groups, step_prompts
@@ -76,6 +77,7 @@ def update(
     """Steps 5 and 6, the engines asleep: the optimizer state back, reference logprobs, the optimizer
     steps. A replica whose groups dynamic sampling all dropped trains on one sample outside the loss."""
     stage, layout, pad = run.stage, run.layout, run.task.tokenizer.pad_id
+    samples, balance = balance_samples(samples) if run.cfg.rl.balance_tokens else (samples, {})
     micro = to_micro_batches(
         samples or [no_loss_sample(pad)],
         layout.micro,
@@ -89,7 +91,7 @@ def update(
     if run.reference is not None:
         with timed(timings, "ref_logprobs"):
             store_logprobs([run.reference], stage.spec.vocab_size, micro, "ref_logprobs")
-    metrics = update_policy(stage.state, micro, run.cfg, timings)
+    metrics = update_policy(stage.state, micro, run.cfg, timings) | balance
     memory.update(phase_memory("update", stage.device))
     return metrics
 
