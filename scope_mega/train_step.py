@@ -128,7 +128,8 @@ def _run_schedule(
 
 
 def _reduce_metrics(outputs: list[Metrics]) -> dict[str, float]:
-    """Sum (sum, count) pairs over micro-batches and DP ranks on the last stage; share with all stages."""
+    """Sum (sum, count) pairs over micro-batches and DP x CP ranks (a CP rank holds part of each
+    sequence) on the last stage; share with all stages."""
     from megatron.core import parallel_state
 
     result: dict[str, float] = {}
@@ -139,7 +140,7 @@ def _reduce_metrics(outputs: list[Metrics]) -> dict[str, float]:
             for i, name in enumerate(names):
                 totals[2 * i] += out[name][0].double().sum().cpu()
                 totals[2 * i + 1] += out[name][1].double().sum().cpu()
-        dp_group = parallel_state.get_data_parallel_group()
+        dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         if dist.get_world_size(dp_group) > 1:
             dist.all_reduce(totals, group=dp_group)
         result = {n: (totals[2 * i] / totals[2 * i + 1].clamp(min=1)).item() for i, n in enumerate(names)}

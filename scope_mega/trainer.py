@@ -21,7 +21,7 @@ from functools import partial
 from scope_mega.config import RunConfig
 from scope_mega.metrics import phase_memory, timed, weighted_mean
 from scope_mega.rl.balance import balance_samples
-from scope_mega.rl.batch import Sample, no_loss_sample, to_micro_batches
+from scope_mega.rl.batch import Sample, no_loss_sample, rank_micro_batches
 from scope_mega.rl.roles import RLRun, driven, setup_rl, step_guide, sync_policy_weights
 from scope_mega.rl.rollouts import evaluate, rollout_and_rectify, rollout_groups, step_prompts
 from scope_mega.rl.update import update_policy
@@ -78,14 +78,7 @@ def update(
     steps. A replica whose groups dynamic sampling all dropped trains on one sample outside the loss."""
     stage, layout, pad = run.stage, run.layout, run.task.tokenizer.pad_id
     samples, balance = balance_samples(samples) if run.cfg.rl.balance_tokens else (samples, {})
-    micro = to_micro_batches(
-        samples or [no_loss_sample(pad)],
-        layout.micro,
-        pad,
-        layout.max_tokens,
-        thd=layout.thd,
-        align=layout.align,
-    )
+    micro = rank_micro_batches(samples or [no_loss_sample(pad)], layout, pad)
     with timed(timings, "offload"):
         stage.offload.to_device()
     if run.reference is not None:

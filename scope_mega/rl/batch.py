@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from scope_mega.config import RunConfig
+from scope_mega.models.context_parallel import split_batch
 from scope_mega.models.pipeline import Batch
 from scope_mega.rl.advantages import group_advantages, overlong_reward
 from scope_mega.rl.packing import cu_seqlens, pack_by_token_budget
@@ -75,9 +76,10 @@ def no_loss_sample(pad_id: int) -> Sample:
     return Sample([pad_id], [pad_id], [0.0], [False], [0.0], in_loss=False)
 
 
-def _sample_tensors(s: Sample) -> Batch:
-    """One sample's 1-D tensors over its positions, aligned to targets (position t predicts token t+1);
-    the loss inputs are 0 on the prompt."""
+def _sample_tensors(s: Sample, length: int, fill: dict[str, int]) -> Batch:
+    """One sample's 1-D tensors over its positions, aligned to targets (position t predicts token t+1),
+    padded at the end to `length` positions (`fill`'s value, else 0); the loss inputs are 0 on the
+    prompt."""
     toks = torch.tensor(s.prompt_ids + s.response_ids)
     lo = len(s.prompt_ids) - 1  # the target position of the first response token
     per_token = {
@@ -101,7 +103,7 @@ def _sample_tensors(s: Sample) -> Batch:
     }
     for key, values in response.items():
         out[key] = torch.cat([torch.zeros(lo), values])
-    return out
+    return {key: F.pad(v, (0, length - v.numel()), value=fill.get(key, 0)) for key, v in out.items()}
 
 
 def to_micro_batches(
@@ -111,6 +113,7 @@ def to_micro_batches(
     max_tokens: int | None = None,
     thd: bool = False,
     align: int = 1,
+    cp: int = 1,
 ) -> list[Batch]:
     """The samples as micro-batches of [b, s] tensors (`_sample_tensors`), in one of two layouts.
 
@@ -120,8 +123,15 @@ def to_micro_batches(
     a multiple of `align`, with `cu_seqlens` (the samples' boundaries, the padding a segment of its
     own) and `seq_index` (each position's sample within the row) for per-sequence loss aggregation.
     A sample longer than the budget (a long salvaged trajectory) gets a micro-batch of its own.
-    `tokens` holds each micro-batch's count of real positions."""
-    lengths = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]
+    `tokens` holds each micro-batch's count of real positions.
+    Context parallel (`cp` > 1; `models.context_parallel` splits the result): the budget is per rank,
+    so a micro-batch packs `max_tokens` x `cp` tokens; every sequence (THD) or row (padded) is padded
+    to a multiple of 2 x `cp`, and `seq_tokens` / `seq_first` carry the per-sequence denominators
+    counted on the unsplit sequences (`rl.loss.policy_loss`)."""
+    real = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]
+    lengths = real if cp == 1 else [-(-n // (2 * cp)) * 2 * cp for n in real]
+    max_tokens = None if max_tokens is None else max_tokens * cp
+    align = math.lcm(align * cp, 2 * cp) if cp > 1 else align
     if max_tokens is None:
         if thd:
             raise ValueError("the THD layout packs by a token budget: give max_tokens")
@@ -133,7 +143,7 @@ def to_micro_batches(
     fill = {"input_ids": pad_id, "targets": pad_id}
     batches = []
     for idx in indices:
-        rows = [_sample_tensors(samples[i]) for i in idx]
+        rows = [_sample_tensors(samples[i], lengths[i], fill) for i in idx]
         if thd:
             bounds, pad = cu_seqlens([lengths[i] for i in idx], align)
             tail = {key: value.new_full((pad,), fill.get(key, 0)) for key, value in rows[0].items()}
@@ -152,9 +162,27 @@ def to_micro_batches(
                 for key in rows[0]
             }
             batch["position_ids"] = torch.arange(seq).expand(len(rows), seq)
-        batch["tokens"] = torch.tensor(sum(lengths[i] for i in idx))
+        batch["tokens"] = torch.tensor(sum(real[i] for i in idx))
+        if cp > 1:
+            batch.update(_sequence_denominators(batch))
         batches.append(batch)
     return batches
+
+
+def _sequence_denominators(batch: Batch) -> Batch:
+    """`seq_tokens`: each position's sequence's response-token count; `seq_first`: 1 at the first
+    response token of each sequence. Counted here, on the unsplit batch, they let every CP rank
+    aggregate per sequence over the part of it that it holds."""
+    resp = (batch["on_mask"] + batch["off_mask"]) > 0
+    seq = batch.get("seq_index", torch.arange(resp.shape[0])[:, None].expand_as(resp))
+    counts = torch.zeros(int(seq.max()) + 1).index_add(0, seq.flatten(), resp.flatten().float())
+    where = resp.flatten().nonzero().flatten()
+    ids = seq.flatten()[where]
+    starts = torch.ones_like(ids, dtype=torch.bool)  # a sequence's positions are contiguous
+    starts[1:] = ids[1:] != ids[:-1]
+    first = torch.zeros(resp.numel())
+    first[where[starts]] = 1.0
+    return {"seq_tokens": counts[seq], "seq_first": first.view_as(resp)}
 
 
 @dataclass(frozen=True)
@@ -164,16 +192,28 @@ class MicroBatchLayout:
     micro: int  # samples per padded micro-batch without a token budget
     max_tokens: int | None  # rl.max_tokens_per_micro_batch
     thd: bool  # one row of samples end to end, with cu_seqlens
-    align: int  # a THD row's length is a multiple of this
+    align: int  # a THD row's length (per CP rank) is a multiple of this
+    cp: int = 1  # parallel.cp: each sequence split over this many ranks
+    cp_rank: int = 0  # this rank's place in its CP group
 
 
-def micro_batch_layout(cfg: RunConfig, transformer_impl: str) -> MicroBatchLayout:
+def micro_batch_layout(cfg: RunConfig, transformer_impl: str, cp_rank: int = 0) -> MicroBatchLayout:
     """`rl.packing` resolved for the model's layer spec ("auto": THD on Transformer Engine, padded rows
     elsewhere); a THD row is a multiple of 16 tokens for FP8 GEMMs and of TP under sequence
-    parallelism, which splits it over the TP ranks."""
+    parallelism, which splits it over the TP ranks; `cp_rank`: this rank's part of each sequence."""
     packing = cfg.rl.packing if cfg.rl.packing != "auto" else "thd" if transformer_impl == "te" else "padded"
     align = math.lcm(
         16 if cfg.model.fp8.enabled else 1, cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
     )
     budget = cfg.rl.max_tokens_per_micro_batch
-    return MicroBatchLayout(cfg.rl.micro_batch_size, budget, packing == "thd" and budget is not None, align)
+    thd = packing == "thd" and budget is not None
+    return MicroBatchLayout(cfg.rl.micro_batch_size, budget, thd, align, cfg.parallel.cp, cp_rank)
+
+
+def rank_micro_batches(samples: list[Sample], layout: MicroBatchLayout, pad_id: int) -> list[Batch]:
+    """This rank's micro-batches of a replica's samples: `to_micro_batches` in `layout`, each split
+    for this rank's part of its sequences under context parallelism."""
+    micro = to_micro_batches(
+        samples, layout.micro, pad_id, layout.max_tokens, layout.thd, layout.align, layout.cp
+    )
+    return [split_batch(mb, layout.cp, layout.cp_rank) for mb in micro]

@@ -17,8 +17,10 @@ Normaliser contract: ``policy_loss`` returns ``(loss_sum, normaliser)`` and the 
 what Megatron-Core does with ``calculate_per_token_loss=True``: the loss function returns
 ``(loss_sum, normaliser, ...)``, the schedule backpropagates ``loss_sum`` unscaled and adds
 ``normaliser`` into an int32 counter, and ``finalize_model_grads`` all-reduces the counter over DP
-and scales the gradients by its inverse. Hence the normaliser is an int32 0-dim tensor. Each
-sequence must be whole on one rank (context parallelism would split it and break ``seq_mean``).
+and scales the gradients by its inverse. Hence the normaliser is an int32 0-dim tensor. Under
+context parallelism a rank holds part of each sequence: the per-sequence aggregations then read
+``seq_tokens`` and ``seq_first``, counted on the unsplit sequences, so each rank's terms sum to the
+whole sequence's (``models.context_parallel`` states the gradient convention).
 """
 
 from dataclasses import dataclass, field
@@ -149,6 +151,8 @@ def policy_loss(
     guide_logprobs: Tensor | None = None,
     entropy: Tensor | None = None,
     seq_index: Tensor | None = None,
+    seq_tokens: Tensor | None = None,
+    seq_first: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Metrics]:
     """Loss of one micro-batch as ``(loss_sum, normaliser, metrics)`` (see the module docstring).
 
@@ -160,6 +164,9 @@ def policy_loss(
     seq_index: the sequence of each position (an int tensor), for rows that hold several sequences
         end to end (the THD layout); None: each row is one sequence. Only the per-sequence
         aggregations read it.
+    seq_tokens, seq_first: under context parallelism (both given, or neither), each position's
+        sequence's response-token count and a 1 at each sequence's first response token, counted on
+        the whole sequence; the per-sequence aggregations read them instead of ``seq_index``.
 
     metrics: name -> (sum, count), detached float 0-dim tensors, so micro-batches and ranks
     aggregate by summing both before dividing. Keys always present: clip_frac_low, clip_frac_high,
@@ -184,6 +191,8 @@ def policy_loss(
         "guide_logprobs": guide_logprobs,
         "entropy": entropy,
         "seq_index": seq_index,
+        "seq_tokens": seq_tokens,
+        "seq_first": seq_first,
     }
     for name, tensor in named.items():
         if tensor is not None and tensor.shape != shape:
@@ -262,20 +271,36 @@ def policy_loss(
     metrics["off_policy_frac"] = (off.sum(), resp.sum())
     metrics["off_policy_prob"] = (masked(p_off.detach(), off).sum(), off.sum())
 
+    if cfg.aggregation == "token_mean":
+        loss_sum, normaliser = token_loss.sum(), resp.sum()
+    else:
+        seq_loss, num_seqs = _per_sequence(token_loss, resp, seq_index, seq_tokens, seq_first)
+        if cfg.aggregation == "seq_mean":
+            loss_sum, normaliser = seq_loss, num_seqs
+        else:
+            loss_sum, normaliser = token_loss.sum(), num_seqs * cfg.max_len
+
+    metrics = {k: (s.detach().float(), c.detach().float()) for k, (s, c) in metrics.items()}
+    return loss_sum, normaliser.to(torch.int32), metrics
+
+
+def _per_sequence(
+    token_loss: Tensor,
+    resp: Tensor,
+    seq_index: Tensor | None,
+    seq_tokens: Tensor | None,
+    seq_first: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The sum over sequences of each one's token-mean loss, and the number of sequences with a
+    response token: from whole sequences (rows, or `seq_index` segments), or under context
+    parallelism from this rank's part of each, with the whole sequences' counts."""
+    if seq_tokens is not None:  # each term is this rank's share of its sequence's mean
+        return (torch.where(resp, token_loss, 0.0) / seq_tokens.clamp(min=1)).sum(), (seq_first > 0).sum()
+
     def per_sequence(x: Tensor) -> Tensor:
         if seq_index is None:
             return x.sum(dim=1)
         return x.new_zeros(int(seq_index.max()) + 1).index_add(0, seq_index.flatten(), x.flatten())
 
-    seq_tokens = per_sequence(resp.float())
-    num_seqs = (seq_tokens > 0).sum()
-    if cfg.aggregation == "token_mean":
-        loss_sum, normaliser = token_loss.sum(), resp.sum()
-    elif cfg.aggregation == "seq_mean":
-        loss_sum = (per_sequence(token_loss) / seq_tokens.clamp(min=1)).sum()
-        normaliser = num_seqs
-    else:
-        loss_sum, normaliser = token_loss.sum(), num_seqs * cfg.max_len
-
-    metrics = {k: (s.detach().float(), c.detach().float()) for k, (s, c) in metrics.items()}
-    return loss_sum, normaliser.to(torch.int32), metrics
+    counts = per_sequence(resp.float())
+    return (per_sequence(token_loss) / counts.clamp(min=1)).sum(), (counts > 0).sum()

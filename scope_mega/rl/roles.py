@@ -2,7 +2,7 @@
 the task, the engines, SCOPE's PRM and guide, the KL reference, and who drives.
 
 `setup_rl` returns an `RLRun` that the loop (`trainer.py`) reads and nothing else builds. Roles: the
-first rank of each model-parallel group (the driver) runs the algorithm for its data-parallel
+first rank of each replica (TP x CP x PP ranks, the driver) runs the algorithm for its data-parallel
 replica; `driven` runs such work with the engines awake while the group's other ranks serve its
 collective calls (`runtime.served`), and gives every rank the driver's result. Engines: the
 transformers engine (`rollout.engine=hf`) lives on the driver alone; vLLM has a worker on every rank,
@@ -26,12 +26,13 @@ from scope_mega.config import RunConfig
 from scope_mega.metrics import phase_memory
 from scope_mega.models.arch import load_hf_config
 from scope_mega.models.gpt import build_gpt_model
-from scope_mega.plan import vllm_kv_cache_tokens
+from scope_mega.plan import rollout_max_model_len, vllm_kv_cache_tokens
 from scope_mega.rl.batch import MicroBatchLayout, micro_batch_layout
 from scope_mega.rl.rollouts import sampling_params
 from scope_mega.rollout.factory import make_engine
 from scope_mega.rollout.weight_sync import sync_weights
 from scope_mega.run_dir import RL_CHECKPOINTS, rl_start_weights
+from scope_mega.runtime.distributed import replica_group
 from scope_mega.runtime.offload import offload_wanted
 from scope_mega.runtime.served import Served, from_driver
 from scope_mega.scope.guides import SampledContinuer, make_guide
@@ -49,7 +50,7 @@ class RLRun:
     stage: Stage  # the policy's model, optimizer, offload, checkpoints, logger
     task: Task
     layout: MicroBatchLayout  # how a step's samples become micro-batches
-    is_driver: bool  # model-parallel rank 0: runs the algorithm for its replica
+    is_driver: bool  # replica rank 0: runs the algorithm for its replica
     dp_rank: int
     dp: int
     served: Served  # the driver's collective calls, joined by its group's other ranks
@@ -94,7 +95,7 @@ def setup_rl(cfg: RunConfig) -> RLRun:
     stage = build_stage(cfg, "rl", device, RL_CHECKPOINTS, rl_optim, optimizer_steps, start, offload)
     stage.offload.to_host()
     reference = build_reference(cfg, device) if cfg.loss.kl_coef > 0 else None
-    is_driver = parallel_state.get_model_parallel_group().rank() == 0
+    is_driver = replica_group().rank() == 0
     served = Served(is_driver)
     scope_on = rectifies(cfg)
     prm = build_prm(cfg, device, served) if scope_on else None
@@ -110,7 +111,7 @@ def setup_rl(cfg: RunConfig) -> RLRun:
         cfg,
         stage,
         task,
-        micro_batch_layout(cfg, stage.spec.transformer_impl),
+        micro_batch_layout(cfg, stage.spec.transformer_impl, parallel_state.get_context_parallel_rank()),
         is_driver,
         dp_rank,
         dp,
@@ -164,7 +165,7 @@ def driven(run: RLRun, work: Callable[[], Any], memory: dict[str, float] | None 
 
 def build_prm(cfg: RunConfig, device: torch.device, served: Served):
     """SCOPE's PRM: Countdown's exact step checker, or a Megatron PRM loaded on every rank of the
-    model-parallel group (in the policy's TP and PP layout), driven by the group's driver (`ServedPRM`)."""
+    replica (in the policy's TP, CP and PP layout), driven by the replica's driver (`ServedPRM`)."""
     if cfg.guide.prm == "oracle":
         return CountdownOraclePRM(cfg.task.ops)
     import transformers
@@ -208,6 +209,7 @@ def build_engine(cfg: RunConfig, task: Task, model, name: str, served: Served):
         model,
         tensor_parallel_size=tp,
         kv_cache_tokens=vllm_kv_cache_tokens(cfg, dist.get_world_size() // tp),  # used on CPU
+        max_model_len=rollout_max_model_len(cfg),  # the longest prompt + response, not the model's positions
         gpu_memory_utilization=(cfg.rollout if policy else cfg.guide).vllm_gpu_memory_utilization,
         quantization="fp8" if cfg.rollout.vllm_fp8_weights else None,
         sleep_level=cfg.rollout.vllm_sleep_level if policy else 1,  # a guide is never re-synced

@@ -40,6 +40,8 @@ def rl_loss(cfg: PolicyLossConfig, logprobs: torch.Tensor, batch: Batch, entropy
         guide_logprobs=batch["guide_logprobs"] if cfg.off_policy == "clip" else None,
         entropy=entropy,
         seq_index=batch.get("seq_index"),
+        seq_tokens=batch.get("seq_tokens"),
+        seq_first=batch.get("seq_first"),
     )
 
 
@@ -63,12 +65,14 @@ def update_policy(
     bounds = [len(micro) * i // n for i in range(n + 1)]
     chunks = [micro[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
     # loss tokens of each mini-batch over every replica: one without any (dynamic sampling dropped
-    # them all) is no step; a replica short of micro-batches joins a step with one outside the loss
+    # them all) is no step; a replica short of micro-batches joins a step with one outside the loss.
+    # Each CP rank counts the tokens it holds; `tokens` is a whole micro-batch's, so its share is 1/cp
     tokens = [sum(float(b["on_mask"].sum() + b["off_mask"].sum()) for b in c) for c in chunks]
-    real, slots = sum(float(b["tokens"]) for b in micro), sum(b["input_ids"].numel() for b in micro)
+    cp = parallel_state.get_context_parallel_world_size()
+    real, slots = sum(float(b["tokens"]) / cp for b in micro), sum(b["input_ids"].numel() for b in micro)
     device = next(state.model[0].parameters()).device
     counts = torch.tensor([*tokens, real, slots], dtype=torch.float64, device=device)  # exact counts
-    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     tokens, (real, slots) = counts[:-2].tolist(), counts[-2:].tolist()
     outside = {
         **micro[0],

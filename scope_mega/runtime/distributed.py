@@ -111,8 +111,37 @@ def init_distributed(
             pipeline_model_parallel_size=pp,
             context_parallel_size=cp,
         )
+        _init_replica_group(tp, pp, cp, world)
     seed_all(seed, dev)
     return dev
+
+
+_REPLICA_GROUP = None
+
+
+def _init_replica_group(tp: int, pp: int, cp: int, world: int) -> None:
+    """The ranks of each data-parallel replica (TP x CP x PP, in Megatron's rank order), created on
+    every rank as torch.distributed requires; this rank keeps its own. Megatron's model-parallel group
+    is TP x PP alone, which leaves a replica's CP ranks out."""
+    global _REPLICA_GROUP
+    from megatron.core.parallel_state import RankGenerator
+
+    _REPLICA_GROUP = None
+    if cp == 1:
+        return
+    ranks = RankGenerator(tp=tp, ep=1, dp=world // (tp * pp * cp), pp=pp, cp=cp, order="tp-cp-ep-dp-pp")
+    for members in ranks.get_ranks("tp-cp-pp"):
+        group = dist.new_group(members)
+        if dist.get_rank() in members:
+            _REPLICA_GROUP = group
+
+
+def replica_group():
+    """This rank's data-parallel replica: every rank that holds the same data (TP x CP x PP). Its rank 0
+    drives the replica's rollouts; at CP=1 it is Megatron's model-parallel group."""
+    from megatron.core import parallel_state
+
+    return _REPLICA_GROUP or parallel_state.get_model_parallel_group()
 
 
 def seed_all(seed: int, device: torch.device) -> None:
@@ -134,6 +163,8 @@ def destroy_distributed(keep_process_group: bool = False) -> None:
     (so one set of processes can run several parallel layouts in turn)."""
     from megatron.core import parallel_state
 
+    global _REPLICA_GROUP
+    _REPLICA_GROUP = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized() and not keep_process_group:

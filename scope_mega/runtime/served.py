@@ -1,13 +1,14 @@
-"""Collective work that one rank drives: the other ranks of its model-parallel group join each call.
+"""Collective work that one rank drives: the other ranks of its replica join each call.
 
-The RL step runs its algorithm (rollout, SCOPE's rectification, evaluation) on the first rank of each
-model-parallel group, the driver. Some of what it calls is collective, though: a TP-sharded PRM's
-forward needs every rank of the group, and a vLLM engine spans every rank of the world. Each such
-callable is registered here under a name on every rank; the driver's `call(name, *args)` first sends
-(name, args) to the group, whose other ranks sit in `serve()` running the same handler, until the
-driver's `release()`. Handlers run in the driver's order on every rank, so collectives inside them
-line up. `from_driver` and `gather_drivers` are the two plain exchanges around such work: the driver's
-result to its group, and one object from every replica's driver.
+The RL step runs its algorithm (rollout, SCOPE's rectification, evaluation) on the first rank of
+each data-parallel replica (`runtime.distributed.replica_group`: TP x CP x PP), the driver. Some of
+what it calls is collective, though: a TP-sharded PRM's forward needs every rank of the group, and a
+vLLM engine spans every rank of the world. Each such callable is registered here under a name on
+every rank; the driver's `call(name, *args)` first sends (name, args) to the group, whose other
+ranks sit in `serve()` running the same handler, until the driver's `release()`. Handlers run in the
+driver's order on every rank, so collectives inside them line up. `from_driver` and `gather_drivers`
+are the two plain exchanges around such work: the driver's result to its group, and one object from
+every replica's driver.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
+
+from scope_mega.runtime.distributed import replica_group
 
 
 def _broadcast(obj: Any, group, src: int) -> Any:
@@ -28,16 +31,14 @@ def _broadcast(obj: Any, group, src: int) -> Any:
 
 
 def from_driver(obj: Any, is_driver: bool) -> Any:
-    """The driver's Python object `obj` on every rank of its model-parallel group."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_model_parallel_group()
+    """The driver's Python object `obj` on every rank of its replica."""
+    group = replica_group()
     return _broadcast(obj if is_driver else None, group, dist.get_global_rank(group, 0))
 
 
 def gather_drivers(obj: Any) -> list[Any]:
     """`obj` of every data-parallel replica's driver; called by drivers only (their data-parallel group
-    is the drivers' group: every driver is model-parallel rank 0)."""
+    is the drivers' group: every driver is TP, CP and PP rank 0)."""
     from megatron.core import parallel_state
 
     group = parallel_state.get_data_parallel_group()
@@ -49,13 +50,11 @@ def gather_drivers(obj: Any) -> list[Any]:
 
 
 class Served:
-    """The named collective handlers of one rank, and the channel to its model-parallel group."""
+    """The named collective handlers of one rank, and the channel to its replica."""
 
     def __init__(self, is_driver: bool) -> None:
-        from megatron.core import parallel_state
-
         self.is_driver = is_driver
-        self.group = parallel_state.get_model_parallel_group()
+        self.group = replica_group()
         self.src = dist.get_global_rank(self.group, 0)
         self.handlers: dict[str, Callable[..., Any]] = {}
 

@@ -97,7 +97,8 @@ def export_hf(
     from megatron.core import parallel_state
 
     out = hf_export_dir(cfg, step, final)
-    if out is None or parallel_state.get_data_parallel_rank() != 0:
+    first = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0
+    if out is None or not first:  # CP ranks hold the same weights, each with its own TP x PP group
         return None
     bucket = cfg.rollout.sync_bucket_mb << 20
     return save_hf_model(model, spec, out, bucket, partial(write_generation_files, cfg, spec.hf_config, task))
