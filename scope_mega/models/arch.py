@@ -2,7 +2,8 @@
 
 One place decides how an HF config maps onto Megatron: GQA (`num_query_groups`), head dim, RMSNorm
 epsilon, SwiGLU, QKV bias (Qwen2), q/k norm (Qwen3), RoPE base and Llama-3.1 rope scaling, tied
-embeddings, TP vocab padding, and the layer implementation (local or Transformer Engine).
+embeddings, TP vocab padding, the layer implementation (local or Transformer Engine), and activation
+recompute (`recompute_settings`).
 
 What it cannot build raises `ArchError` (a `ValueError`) with a one-line message; `validation` runs
 the same functions on a run's config first and reports that message as a `ConfigError`. An HF config
@@ -216,6 +217,50 @@ def resolve_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, model.params_dtype)
 
 
+# `model.recompute: selective` recomputes these submodules of every layer in the backward pass
+# (Megatron's `recompute_modules`, megatron-core >= 0.12). Local spec (CPU, and GPU without Transformer
+# Engine): its core attention materialises the [b, heads, s, s] scores, probabilities and dropout mask,
+# the one term that grows with s^2, so "core_attn" is what pays most at long lengths; "mlp" (SwiGLU's
+# fc1 output and activation, ~3 x ffn per token, the largest linear-sized activations) next. Not
+# "layernorm": megatron-core 0.16.1's `CheckpointWithoutOutput` sets `fp8 = fp8 is not None` (True for
+# its default False) and then calls Transformer Engine's `FP8GlobalStateManager`, a NameError without TE;
+# the two RMSNorm outputs are 2 x hidden per token, small beside the rest. Transformer Engine:
+# fused/flash attention keeps no s^2 term, so recomputing "core_attn" saves almost nothing, and the TE
+# spec fuses both layernorms into the next linear layer (Megatron sees `IdentityOp`, and "layernorm"
+# recomputes nothing): "mlp".
+SELECTIVE_MODULES = {"local": ("core_attn", "mlp"), "te": ("mlp",)}
+
+
+def recompute_settings(model: ModelConfig, impl: str, layers_per_stage: int) -> dict[str, Any]:
+    """The `TransformerConfig` fields for `model.recompute` on layers of the `impl` spec ("local"|"te").
+
+    none: nothing recomputed. selective: `SELECTIVE_MODULES[impl]` in every layer. full: whole layers,
+    by `recompute_method` -- "uniform": the stage's layers in chunks of `recompute_num_layers`, only each
+    chunk's input kept (the number must divide the stage's layers); "block": the first
+    `recompute_num_layers` layers of each stage (capped at the stage's layers), the rest keep all.
+    Megatron recomputes only in training forwards (`full` and `core_attn` check `module.training`); with
+    gradients off (the logprob forwards) a checkpoint saves nothing (`tests/distributed/test_recompute`).
+    """
+    if model.recompute == "none":
+        return {"recompute_granularity": None}
+    if model.recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": list(SELECTIVE_MODULES[impl])}
+    layers = model.recompute_num_layers
+    if model.recompute_method == "uniform":
+        if layers_per_stage % layers:
+            raise ArchError(
+                f"model.recompute_num_layers={layers} must divide the {layers_per_stage} layers of each "
+                "pipeline stage with model.recompute_method=uniform (or use recompute_method=block)"
+            )
+    else:
+        layers = min(layers, layers_per_stage)
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": model.recompute_method,
+        "recompute_num_layers": layers,
+    }
+
+
 def transformer_config(
     hf: transformers.PretrainedConfig,
     model: ModelConfig,
@@ -228,6 +273,8 @@ def transformer_config(
     check_sliding_window(hf)
     dtype = resolve_dtype(model, device)
     fp8 = model.fp8
+    impl = check_transformer_impl(model, device)
+    recompute = recompute_settings(model, impl, hf.num_hidden_layers // parallel.pp)
     return TransformerConfig(
         num_layers=hf.num_hidden_layers,
         hidden_size=hf.hidden_size,
@@ -270,4 +317,5 @@ def transformer_config(
         fp8_amax_history_len=fp8.amax_history_len,
         fp8_amax_compute_algo=fp8.amax_compute_algo,
         fp8_margin=fp8.margin,
+        **recompute,
     )

@@ -13,21 +13,37 @@ What is redirected, and why:
    - rewrites a `device=` argument that names CUDA (`"cuda"`, `"cuda:N"`, `torch.device("cuda")`, or an
      integer index) to `"cpu"` (literal `device="cuda"` tensors in schedules, optimizer, clip_grads and
      the grad scaler);
+   - drops `pin_memory=True` (Megatron pins the index tensors it sends to the GPU, e.g. when RoPE picks
+     a context-parallel rank's positions), which CPU-only torch cannot allocate;
    - makes `Tensor.cuda()` return the tensor itself and `Tensor.to("cuda"...)` stay on CPU;
    - answers `Tensor.type()` (no arguments) for floating CPU tensors with the CUDA type name
      (`torch.cuda.FloatTensor` ...), because the optimizer and clip_grads check parameter types with
      `param.type() == 'torch.cuda.FloatTensor'` and reject anything else.
 4. A CPU RNG tracker in place of Megatron's CUDA RNG tracker (`get_cuda_rng_tracker().fork()`), with
    the same named states and seeds as `model_parallel_cuda_manual_seed`, forking the CPU generator.
+5. `megatron.core.tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state` read and set the
+   CPU generator instead of the CUDA one (which CPU-only torch refuses, or silently never sets).
+   Activation recompute saves and restores the RNG through them: `CheckpointFunction` (full recompute,
+   selective "core_attn" and "mlp") and `CheckpointWithoutOutput` (selective "layernorm") capture
+   `_get_all_rng_states()` = (CPU state, "CUDA" state, the tracker's named states) in the forward and set
+   them back before recomputing, so dropout draws the same masks twice: the plain dropout from the CPU
+   generator, the tracker-forked attention dropout from the tracker's states (item 4).
+6. The recompute itself runs under the mode of item 3. torch (2.13) dispatches `torch.autograd.backward`
+   through the mode, and a mode is off the stack while it handles a call, so the whole backward pass,
+   and a recompute inside it (`CheckpointFunction.backward`, `CheckpointWithoutOutput._recompute`),
+   would otherwise see CUDA again (the local attention's `get_default_causal_mask` allocates on
+   `device="cuda"`). Those two are wrapped to put the mode back while they run.
 Nothing else is touched; on a CUDA run none of this is installed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 _CUDA_TYPE_NAMES = {
     torch.float32: "torch.cuda.FloatTensor",
@@ -61,6 +77,8 @@ class CudaToCpuMode(TorchFunctionMode):
             args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         return func(*args, **kwargs)
 
 
@@ -115,8 +133,59 @@ def enable_cpu_execution() -> None:
         return
     torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = lambda device=None: None
+    _redirect_checkpoint_rng()
     _mode = CudaToCpuMode()
+    _recompute_under_mode()
     _mode.__enter__()
+
+
+def _get_cpu_rng_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """`_get_cuda_rng_state` on CPU: a copy of the CPU generator's state (`device` and the CUDA-graph
+    options name the CUDA generator, which CPU runs do not have)."""
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device=None, graph_safe: bool = False) -> None:
+    """`_set_cuda_rng_state` on CPU: the CPU generator takes `new_state`."""
+    torch.set_rng_state(new_state)
+
+
+def _redirect_checkpoint_rng() -> None:
+    """Item 5: Megatron's checkpoint code reaches the CUDA generator only through these two module
+    functions (looked up at call time), so replacing them covers every recompute path."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = _get_cpu_rng_state
+    mrandom._set_cuda_rng_state = _set_cpu_rng_state
+
+
+@contextlib.contextmanager
+def _mode_on_stack():
+    """`_mode` active inside, pushed only when it is not on the stack already (inside its own handler)."""
+    if _mode is None or _mode in _get_current_function_mode_stack():
+        yield
+        return
+    with _mode:
+        yield
+
+
+def _under_mode(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with _mode_on_stack():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def _recompute_under_mode() -> None:
+    """Item 6: Megatron's recompute entry points run under the mode, also inside a backward pass."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    fn = mrandom.CheckpointFunction
+    fn.backward = staticmethod(_under_mode(fn.backward))
+    wo = mrandom.CheckpointWithoutOutput
+    wo._recompute = _under_mode(wo._recompute)
 
 
 def seed_cpu_rng_tracker(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: int = 0) -> None:
