@@ -62,6 +62,19 @@ def split_batch(batch: Batch, cp: int, rank: int) -> Batch:
     }
 
 
+def gather_positions(local: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
+    """Per-position values [b, s / cp] of this rank's part of padded rows -> [b, s] in sequence order,
+    every CP rank's part in place (collective over the CP group; no gradient)."""
+    if cp == 1:
+        return local
+    from megatron.core import parallel_state
+
+    full = local.new_zeros(local.shape[0], local.shape[1] * cp)
+    full[:, chunk_positions(full.shape[1], cp, rank).to(local.device)] = local
+    dist.all_reduce(full, group=parallel_state.get_context_parallel_group())
+    return full
+
+
 class _GatherFromContextParallel(torch.autograd.Function):
     """All-gather along a new leading dim over the CP group; the backward sums every rank's gradient
     and returns this rank's slice (an all-reduce, which gloo has, then a slice)."""

@@ -13,6 +13,7 @@ parameter must be bound by the `qwen2_prm` mapping and written by the load, othe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 
 from scope_mega.config import ModelConfig, ParallelConfig
 from scope_mega.models import arch
+from scope_mega.models.context_parallel import gather_positions, split_batch
 from scope_mega.models.gpt import ModelSpec, layer_spec
 from scope_mega.models.pipeline import pipeline_forward
 from scope_mega.runtime.served import Served
@@ -189,22 +191,31 @@ def _is_hf(tokenizer: Any) -> bool:
     return hasattr(tokenizer, "apply_chat_template") and hasattr(tokenizer, "convert_tokens_to_ids")
 
 
+def step_scores(logits: torch.Tensor) -> torch.Tensor:
+    """softmax(logits)[..., 1]: the probability that the step ending at each position is correct."""
+    return logits.float().softmax(-1)[..., 1]
+
+
 def step_probabilities(logits: torch.Tensor, token_mask: torch.Tensor) -> list[list[float]]:
-    """Per-row softmax(logits)[..., 1] at the positions `token_mask` marks, in order.
+    """Per-row `step_scores` at the positions `token_mask` marks, in order.
 
     logits [batch, seq, 2], token_mask [batch, seq] bool."""
-    probs = logits.float().softmax(-1)[..., 1]
-    return [probs[i][token_mask[i]].tolist() for i in range(probs.shape[0])]
+    return _at(step_scores(logits), token_mask)
+
+
+def _at(scores: torch.Tensor, token_mask: torch.Tensor) -> list[list[float]]:
+    return [scores[i][token_mask[i]].tolist() for i in range(scores.shape[0])]
 
 
 class MegatronPRM(PRM):
-    """`PRM` backed by a loaded `build_prm_model` stage (any TP and PP; CP must be 1).
+    """`PRM` backed by a loaded `build_prm_model` stage (any TP, CP and PP).
 
-    `score_batch` is collective over the model-parallel group: every rank of it must call it with the
+    `score_batch` is collective over the replica (TP x CP x PP): every rank of it must call it with the
     same inputs (`ServedPRM` arranges that). Sequences are right-padded to one width and go through the
     pipeline schedule in micro-batches of `max_batch_size`; with causal attention the padding never
-    reaches a real position, so no padding mask is needed. The last stage computes the scores and
-    sends them to the rest of its pipeline.
+    reaches a real position, so no padding mask is needed. Under CP each rank runs its part of every
+    row (`models.context_parallel`) and the per-position scores, not the logits, are gathered. The
+    last stage computes the scores and sends them to the rest of its pipeline.
     """
 
     def __init__(
@@ -218,8 +229,6 @@ class MegatronPRM(PRM):
     ) -> None:
         from megatron.core import parallel_state
 
-        if parallel_state.get_context_parallel_world_size() > 1:
-            raise ValueError("MegatronPRM runs with context parallel size 1; score with parallel.cp=1")
         self.model = model
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
@@ -231,6 +240,7 @@ class MegatronPRM(PRM):
         self.config = inner.config
         self.max_length = max_length or inner.max_sequence_length
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.cp = parallel_state.get_context_parallel_world_size()
 
     def encode(self, question: str, steps: Sequence[str]) -> list[int]:
         """Token ids of one response; exactly one separator per step, or a ValueError."""
@@ -250,8 +260,9 @@ class MegatronPRM(PRM):
         rows): the pipeline schedule needs one shape for all of them."""
         device = next(self.model.parameters()).device
         width = max(len(ids) for ids in encoded)
-        if self.config.sequence_parallel:
-            width = -(-width // self.tp) * self.tp
+        sp = self.tp if self.config.sequence_parallel else 1
+        multiple = math.lcm(sp, 2 * self.cp if self.cp > 1 else 1)  # SP splits rows over TP, CP in 2cp chunks
+        width = -(-width // multiple) * multiple
         rows = min(self.max_batch_size, len(encoded))
         batches = []
         for start in range(0, len(encoded), rows):
@@ -273,14 +284,19 @@ class MegatronPRM(PRM):
         if not encoded:
             return []
         out: list[list[float]] = []
+        whole = self._micro_batches(encoded)
+        rank = parallel_state.get_context_parallel_rank()
+        batches = iter(whole)
 
         def collect(logits: torch.Tensor, batch: dict) -> None:
-            out.extend(step_probabilities(logits, batch["separators"])[: batch["rows"]])
+            unsplit = next(batches)  # under CP, the scores of every rank's positions
+            scores = gather_positions(step_scores(logits), self.cp, rank)
+            out.extend(_at(scores, unsplit["separators"])[: unsplit["rows"]])
 
         was_training = self.model.training
         self.model.eval()
         try:
-            pipeline_forward([self.model], self._micro_batches(encoded), collect)
+            pipeline_forward([self.model], [split_batch(b, self.cp, rank) for b in whole], collect)
         finally:
             self.model.train(was_training)
         group = parallel_state.get_pipeline_model_parallel_group()

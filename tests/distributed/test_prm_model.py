@@ -2,7 +2,7 @@
 
 A tiny random HF PRM goes HF -> Megatron through the project's importer (`scope_mega.weights`, at
 TP=2 on 2 gloo processes) and is loaded with `load_prm_weights`; `MegatronPRM` then scores a batch of
-responses at TP=2, and at PP=2, and must give the reference's per-step probabilities. An unmapped head
+responses at TP=2, at PP=2 and at CP=2, and must give the reference's per-step probabilities. An unmapped head
 parameter and a checkpoint without the head must both fail loudly.
 """
 
@@ -171,6 +171,14 @@ def _worker(root: str):
         load_prm_weights(out, model, spec)
         report["pp_has_score"] = hasattr(model, "score")
         report["pp_scores"] = MegatronPRM(model, tokenizer, max_batch_size=2).score_batch(QUESTIONS, STEPS)
+        destroy_distributed(keep_process_group=True)
+
+        # CP=2: each rank runs its load-balanced half of every row; the step scores of both halves are
+        # gathered, so both ranks return every step's score.
+        device = init_distributed(tp=1, pp=1, cp=2, device="cpu", seed=9)
+        model, spec = build_prm_model(cfg, ParallelConfig(cp=2), device)
+        load_prm_weights(out, model, spec)
+        report["cp_scores"] = MegatronPRM(model, tokenizer, max_batch_size=2).score_batch(QUESTIONS, STEPS)
     finally:
         (root / f"report{rank}.json").write_text(json.dumps(report))
         destroy_distributed()
@@ -227,6 +235,16 @@ def test_pipeline_parallel_stages(run):
     diff = max(abs(a - b) for g, r in zip(last["pp_scores"], run["reference"]) for a, b in zip(g, r))
     print(f"PP=2 max abs diff {diff:.3g}")
     assert diff <= TOL, f"PP=2: max abs diff {diff:.3g} > {TOL}"
+
+
+def test_context_parallel_ranks(run):
+    """CP=2: both ranks return the reference's scores, each having run half of every row."""
+    first, last = run["reports"]
+    assert first["cp_scores"] == last["cp_scores"]
+    diff = max(abs(a - b) for g, r in zip(last["cp_scores"], run["reference"]) for a, b in zip(g, r))
+    print(f"CP=2 max abs diff {diff:.3g}")
+    assert [len(s) for s in last["cp_scores"]] == [len(s) for s in STEPS]
+    assert diff <= TOL, f"CP=2: max abs diff {diff:.3g} > {TOL}"
 
 
 def test_unwritten_parameters_fail(run):
