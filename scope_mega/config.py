@@ -67,7 +67,7 @@ class ParallelConfig(Checked):
     tp: int = field(default=1, metadata=ge(1))
     pp: int = field(default=1, metadata=ge(1))
     cp: int = field(default=1, metadata=ge(1))  # context parallel: each sequence split over cp ranks
-    cp_comm_type: Literal["p2p", "a2a", "allgather"] = "p2p"  # Transformer Engine's CP attention exchange
+    cp_comm_type: Literal["p2p", "a2a", "all_gather"] = "p2p"  # Transformer Engine's CP attention exchange
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
 

@@ -295,6 +295,7 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         context_parallel_size=parallel.cp,
+        cp_comm_type=parallel.cp_comm_type,  # Transformer Engine's exchange; the local attention gathers
         sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
