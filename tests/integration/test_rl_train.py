@@ -106,6 +106,8 @@ def test_dynamic_sampling_refill_over_two_replicas(tmp_path):
         assert ("loss" in m) == bool(m["dynamic/kept_groups"])
         assert m["dynamic/kept_groups"] <= 4 and 0 <= m["dynamic/kept_frac"] <= 1
         assert m["dynamic/rounds"] == (1 if m["dynamic/kept_groups"] == 4 else 2)
+        # rl.balance_tokens runs with replicas left without samples (here both, every group dropped)
+        assert 1.0 <= m["balance/imbalance_after"] <= m["balance/imbalance_before"] <= 2.0
 
 
 def test_dp2_splits_prompts_and_logs_every_replica(tmp_path):
@@ -115,6 +117,7 @@ def test_dp2_splits_prompts_and_logs_every_replica(tmp_path):
     (step,) = _rl_steps(tmp_path)
     assert step["scope/failed"] + step["rollout/accuracy"] * 16 == 16
     assert step["scope/failed"] > 8
+    assert 1.0 <= step["balance/imbalance_after"] <= step["balance/imbalance_before"]  # rl.balance_tokens
     state = json.loads((tmp_path / "checkpoints_rl" / "step_00000001" / "trainer_state.json").read_text())
     assert (state["tp"], state["world_size"], state["step"]) == (1, 2, 1)
     _train(tmp_path, 2)
