@@ -79,7 +79,7 @@ def karmarkar_karp(lengths: Sequence[int], k: int) -> Bins:
         return [[] for _ in range(k)]
     heap = []
     for n, i in enumerate(_longest_first(lengths)):
-        heap.append((-lengths[i], n, [(lengths[i], [i])] + [(0, []) for _ in range(k - 1)]))
+        heap.append((-lengths[i], n, [(lengths[i], (i,))] + [(0, ())] * (k - 1)))
     heapq.heapify(heap)
     made = len(heap)
     while len(heap) > 1:
@@ -89,7 +89,7 @@ def karmarkar_karp(lengths: Sequence[int], k: int) -> Bins:
         )
         heapq.heappush(heap, (merged[-1][0] - merged[0][0], made, merged))
         made += 1
-    return [items for _, items in heap[0][2]]
+    return [list(items) for _, items in heap[0][2]]
 
 
 def _match_ranks(bins: Bins, lengths: Sequence[int], origin: Sequence[int]) -> Bins:
