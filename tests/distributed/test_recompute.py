@@ -2,10 +2,12 @@
 
 One 2-process gloo run checks, at TP=2 and at PP=2, that one optimizer step with recompute selective,
 full/uniform and full/block gives the same loss, grad norm and parameters as the same step without
-recompute. The comparison is bitwise (`==`, max |diff| 0.0): the recomputed forward runs the very ops of
-the first one, on the same inputs and RNG states, and each gradient meets the same additions in the
-same order (a layer input receives two contributions, the residual's and the norm's, and a + b == b + a
-in floating point), so no tolerance is needed. Measured: 0.0 in every case, dropout included.
+recompute (the SFT loss on padded rows; at TP=2 also the RL policy loss with entropy on THD rows, the
+trainer's packed layout, for selective and full). The comparison is bitwise (`==`, max |diff| 0.0):
+the recomputed forward runs the very ops of the first one, on the same inputs and RNG states, and each
+gradient meets the same additions in the same order (a layer input receives two contributions, the
+residual's and the norm's, and a + b == b + a in floating point), so no tolerance is needed.
+Measured: 0.0 in every case, dropout included.
 
 Dropout 0.1 (hidden and attention, set on the `TransformerConfig` here; the trainer's is 0) makes the
 RNG restoration matter: the recomputed forward must draw the masks of the first one, from the CPU
@@ -21,6 +23,7 @@ forward with gradients saves fewer bytes with recompute than without
 
 import contextlib
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -96,10 +99,24 @@ def _batches() -> list[dict]:
     return out
 
 
-def _one_step(tp: int, pp: int, model_cfg, dropout: float) -> dict:
-    """Build from the seed, take one step: loss, grad norm, the parameters after it, and the model."""
-    from scope_mega.config import OptimConfig, ParallelConfig
+def _thd_batches() -> list[dict]:
+    """RL micro-batches in the THD layout (sequences end to end, `cu_seqlens`), for the policy loss."""
+    from scope_mega.rl.batch import Sample, to_micro_batches
+
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    for n in (9, 14, 5, 11):
+        response = torch.randint(3, HF["vocab_size"], (n,), generator=g).tolist()
+        samples.append(Sample([4, 5, 6], response, [0.3] * n, [False] * n, [-1.0] * n))
+    return to_micro_batches(samples, 1, 0, 24, thd=True)
+
+
+def _one_step(tp: int, pp: int, model_cfg, dropout: float, thd: bool = False) -> dict:
+    """Build from the seed, take one step (SFT loss on padded rows, or the RL policy loss with entropy
+    on THD rows): loss, grad norm, the parameters after it, and the model."""
+    from scope_mega.config import OptimConfig, ParallelConfig, RunConfig
     from scope_mega.models.gpt import build_gpt_model
+    from scope_mega.rl.update import rl_loss
     from scope_mega.runtime.distributed import init_distributed
     from scope_mega.train_step import lm_loss, setup_training, train_step
 
@@ -108,7 +125,10 @@ def _one_step(tp: int, pp: int, model_cfg, dropout: float) -> dict:
     with _dropout(dropout):
         model, spec = build_gpt_model(model_cfg, parallel, dev)
     state = setup_training(model, spec.vocab_size, OptimConfig(lr=1e-3, clip_grad=1.0), parallel, 1)
-    metrics = train_step(state, _batches(), lm_loss)
+    if thd:
+        metrics = train_step(state, _thd_batches(), partial(rl_loss, RunConfig().loss), need_entropy=True)
+    else:
+        metrics = train_step(state, _batches(), lm_loss)
     params = [p.detach().clone() for p in model.parameters()]
     return dict(loss=metrics["loss"], grad_norm=metrics["grad_norm"], params=params, model=model)
 
@@ -154,6 +174,20 @@ def _layout_cases(tp: int, pp: int) -> dict:
     return report
 
 
+def _thd_cases(tp: int) -> dict:
+    """Selective and full against none on the RL loss over THD rows, with dropout (TP layout)."""
+    ref = _one_step(tp, 1, _model_config("none", "uniform", 1), 0.1, thd=True)
+    report = {}
+    for name, recompute, method, layers in MODES[:2]:
+        got = _one_step(tp, 1, _model_config(recompute, method, layers), 0.1, thd=True)
+        report[f"tp{tp}-thd-rl-{name}"] = dict(
+            loss=abs(got["loss"] - ref["loss"]),
+            grad_norm=abs(got["grad_norm"] - ref["grad_norm"]),
+            params=_max_diff(got["params"], ref["params"]),
+        )
+    return report
+
+
 def _worker(out: str) -> None:
     import torch.distributed as dist
 
@@ -162,6 +196,8 @@ def _worker(out: str) -> None:
     report = {}
     for tp, pp in [(2, 1), (1, 2)]:
         report.update(_layout_cases(tp, pp))
+        if tp > 1:
+            report.update(_thd_cases(tp))
         destroy_distributed(keep_process_group=True)  # the next layout re-uses the gloo group
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
     destroy_distributed()
@@ -171,12 +207,15 @@ def test_recompute_matches_no_recompute_bitwise(tmp_path):
     spawn_local(_worker, 2, str(tmp_path))
     for rank in range(2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(report) == 2 * len(DROPOUTS) * len(MODES)
+        assert len(report) == 2 * len(DROPOUTS) * len(MODES) + 2
         for case, r in report.items():
             where = f"rank {rank}, {case}: {r}"
             assert r["loss"] == 0.0 and r["grad_norm"] == 0.0 and r["params"] == 0.0, where
+            if "thd" in case:
+                continue
             assert r["saved_ratio"] < 1.0, where  # recompute really ran
             assert r["no_grad_saved"] == 0, where
+        report = {case: r for case, r in report.items() if "thd" not in case}
         # dropout is really on: the reference losses with and without it differ
         losses = {case.split("-dropout")[1]: r["ref_loss"] for case, r in report.items()}
         assert len(set(losses.values())) == len(DROPOUTS), losses
