@@ -15,6 +15,7 @@ import torch
 from scope_mega.config import RunConfig
 from scope_mega.data import countdown
 from scope_mega.data.tokenizer import Tokenizer
+from scope_mega.models.context_parallel import split_batch
 from scope_mega.models.generate import generate
 from scope_mega.models.pipeline import Batch
 from scope_mega.run_dir import SFT_CHECKPOINTS
@@ -29,9 +30,12 @@ def encode_example(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int
     return prompt_ids + tok.encode(response) + [tok.eos_id], len(prompt_ids)
 
 
-def to_micro_batches(examples: list[tuple[list[int], int]], micro: int, pad_id: int) -> list[Batch]:
-    """Right-pad every example to the longest one of the step (uniform shapes for the PP schedule)."""
-    seq = max(len(ids) for ids, _ in examples) - 1
+def to_micro_batches(
+    examples: list[tuple[list[int], int]], micro: int, pad_id: int, multiple: int = 1
+) -> list[Batch]:
+    """Right-pad every example to the longest one of the step (uniform shapes for the PP schedule),
+    rounded up to `multiple` (2 x CP under context parallelism)."""
+    seq = -(-(max(len(ids) for ids, _ in examples) - 1) // multiple) * multiple
     batches = []
     for start in range(0, len(examples), micro):
         rows = examples[start : start + micro]
@@ -82,6 +86,7 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
     )
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
+    cp, cp_rank = cfg.parallel.cp, parallel_state.get_context_parallel_rank()
     init = cfg.checkpoint.load_weights
     stage = build_stage(cfg, "sft", device, SFT_CHECKPOINTS, cfg.optim, cfg.sft.steps, init)
     logger = open_logger(stage, cfg.sft.steps)
@@ -89,7 +94,8 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
     while progress.step < cfg.sft.steps:
         examples = sft_examples(cfg, train_problems, tok, progress.step)
         local = shard_for_data_parallel(examples, dp_rank, dp)
-        micro = to_micro_batches(local, cfg.sft.micro_batch_size, tok.pad_id)
+        whole = to_micro_batches(local, cfg.sft.micro_batch_size, tok.pad_id, 2 * cp if cp > 1 else 1)
+        micro = [split_batch(mb, cp, cp_rank) for mb in whole]
         metrics = train_step(stage.state, micro, lm_loss)
         progress.step += 1
         progress.data_position = progress.step * cfg.sft.global_batch_size
@@ -106,11 +112,11 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
 
 
 def held_out_metrics(stage: Stage, tok: Tokenizer, problems: list[countdown.Problem]) -> dict[str, float]:
-    """Greedy and sampled accuracy of the policy on held-out problems (nothing under PP > 1, where
-    trainer-side decoding does not run: see models.generate)."""
+    """Greedy and sampled accuracy of the policy on held-out problems (nothing under PP > 1 or CP > 1,
+    where trainer-side decoding does not run: see models.generate)."""
     from megatron.core import parallel_state
 
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1 or stage.cfg.parallel.cp > 1:
         return {}
     seed = stage.cfg.seed
     return {

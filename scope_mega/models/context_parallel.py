@@ -33,6 +33,8 @@ Batch = dict[str, torch.Tensor]
 
 def chunk_positions(length: int, cp: int, rank: int) -> torch.Tensor:
     """Positions (in [0, length)) of a sequence that CP rank `rank` holds, in its local order."""
+    if cp == 1:
+        return torch.arange(length)
     if length % (2 * cp):
         raise ValueError(f"a sequence of {length} tokens does not split into 2 x cp={cp} chunks")
     c = length // (2 * cp)

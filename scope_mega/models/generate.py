@@ -2,7 +2,7 @@
 
 Plain full-recompute decoding (no KV cache): simple and exact, and fast enough for the tiny models
 this is used with (SFT evaluation on CPU). Works with TP (logits are gathered over the TP group);
-pipeline-parallel models must go through a rollout engine instead.
+pipeline- and context-parallel models must go through a rollout engine instead.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def generate(
 
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         raise ValueError("models.generate needs PP=1; decode pipeline-parallel models with a rollout engine")
+    if parallel_state.get_context_parallel_world_size() > 1:
+        raise ValueError("models.generate needs CP=1; decode context-parallel models with a rollout engine")
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()

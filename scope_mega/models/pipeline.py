@@ -29,15 +29,26 @@ def on_device(batch: Batch, model: torch.nn.Module) -> Batch:
 
 def model_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """This stage's forward on a micro-batch; one that carries `cu_seqlens` is packed (THD layout:
-    one row of sequences end to end, each attending within itself, RoPE restarting at each)."""
+    one row of sequences end to end, each attending within itself, RoPE restarting at each). Under
+    context parallelism `cu_seqlens` are the whole sequences' (each a multiple of 2 x CP, see
+    `models.context_parallel`), given as the padded ones too: Transformer Engine's CP attention reads
+    those (TE issue #3331: without them a length not divisible by 2 x CP can attend wrongly)."""
     packed = None
     if "cu_seqlens" in batch:
+        from megatron.core import parallel_state
         from megatron.core.packed_seq_params import PackedSeqParams
 
         cu = batch["cu_seqlens"]
         longest = int((cu[1:] - cu[:-1]).max())
+        padded = cu if parallel_state.get_context_parallel_world_size() > 1 else None
         packed = PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            cu_seqlens_q_padded=padded,
+            cu_seqlens_kv_padded=padded,
+            max_seqlen_q=longest,
+            max_seqlen_kv=longest,
         )
     return model(batch["input_ids"], batch["position_ids"], attention_mask=None, packed_seq_params=packed)
 

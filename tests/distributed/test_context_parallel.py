@@ -1,6 +1,7 @@
 """Context parallelism is exact: CP=2 against CP=1 on the same samples, in fp32, on 4 real processes.
 
-Layouts (TP, CP) = (1, 1), (1, 2), (2, 1), (2, 2) in turn on one set of 4 gloo ranks; every
+Layouts (TP, CP) = (1, 1), (1, 2), (2, 1), (2, 2) in turn on one set of 4 gloo ranks, and (1, 2)
+again with selective recompute (its attention checkpoint gathers K and V again in the backward); every
 data-parallel replica trains on the same samples, so each layout optimises the same loss. In the
 padded and the THD layouts, with sequences whose lengths do not divide 2 x CP, CP=2 matches CP=1 (at
 the same TP): every response token's logprob (gathered back from the ranks that hold it) within 1e-6,
@@ -58,14 +59,16 @@ def _samples():
     return samples
 
 
-def _state(dev, tp: int, cp: int):
+def _state(dev, tp: int, cp: int, recompute: str = "none"):
     from scope_mega.config import ModelConfig, OptimConfig, ParallelConfig
     from scope_mega.models.gpt import build_gpt_model
     from scope_mega.train_step import setup_training
 
     torch.manual_seed(0)
     parallel = ParallelConfig(tp=tp, cp=cp)
-    cfg = ModelConfig(hf_config=dict(HF), params_dtype="float32", make_vocab_size_divisible_by=16)
+    cfg = ModelConfig(
+        hf_config=dict(HF), params_dtype="float32", make_vocab_size_divisible_by=16, recompute=recompute
+    )
     model, spec = build_gpt_model(cfg, parallel, dev)
     return setup_training(model, spec.vocab_size, OptimConfig(lr=1e-4), parallel, 10)
 
@@ -99,7 +102,7 @@ def _response_logprobs(whole: list, local: list, samples, cp: int, rank: int) ->
     return out
 
 
-def _layout_report(dev, tp: int, cp: int, contiguous: bool) -> dict:
+def _layout_report(dev, tp: int, cp: int, contiguous: bool, recompute: str = "none") -> dict:
     from megatron.core import parallel_state
 
     from scope_mega.config import RunConfig, from_dict
@@ -114,7 +117,7 @@ def _layout_report(dev, tp: int, cp: int, contiguous: bool) -> dict:
     for name, kwargs in {"padded": dict(micro=4), "thd": dict(micro=4, max_tokens=BUDGET, thd=True)}.items():
         whole = to_micro_batches(samples, pad_id=0, cp=cp, **kwargs)
         micro = [context_parallel.split_batch(mb, cp, rank) for mb in whole]
-        state = _state(dev, tp, cp)
+        state = _state(dev, tp, cp, recompute)
         store_logprobs(state.model, state.vocab_size, micro, "lp")
         report[f"lp/{name}"] = _response_logprobs(whole, [mb["lp"] for mb in micro], samples, cp, rank)
         if contiguous:
@@ -136,6 +139,8 @@ def _worker(out: str):
     for tp, cp in LAYOUTS:
         dev = init_distributed(tp=tp, pp=1, cp=cp, device="cpu", seed=2)
         reports[(tp, cp)] = _layout_report(dev, tp, cp, contiguous=False)
+        if (tp, cp) == (1, 2):  # the recomputed attention gathers K and V again in the backward
+            reports["recompute"] = _layout_report(dev, tp, cp, contiguous=False, recompute="selective")
         destroy_distributed(keep_process_group=True)
     balanced = context_parallel.chunk_positions
     context_parallel.chunk_positions = lambda length, cp, rank: torch.arange(
@@ -151,10 +156,14 @@ def _worker(out: str):
         return max(abs(u - v) for i in x for u, v in zip(x[i], y[i], strict=True))
 
     result = {"contiguous": lp_diff(reports[(1, 1)], contiguous, "padded")}
-    for tp in (1, 2):
-        ref, got = reports[(tp, 1)], reports[(tp, 2)]
+    for tp, label, got in (
+        (1, "tp1", reports[(1, 2)]),
+        (2, "tp2", reports[(2, 2)]),
+        (1, "rc", reports["recompute"]),
+    ):
+        ref = reports[(tp, 1)]
         for name in ("padded", "thd"):
-            key = f"tp{tp}/{name}"
+            key = f"{label}/{name}"
             result[f"{key}/lp"] = lp_diff(ref, got, name)
             for agg in ("token_mean", "seq_mean"):
                 result[f"{key}/loss/{agg}"] = (ref[f"loss/{name}/{agg}"], got[f"loss/{name}/{agg}"])
@@ -170,9 +179,9 @@ def test_context_parallel_matches_cp1(tmp_path):
     print(json.dumps(results[0], indent=1))
     for r in results:
         assert r["contiguous"] > 1e-2  # a split the model does not expect is caught
-        for tp in (1, 2):
+        for label in ("tp1", "tp2", "rc"):
             for name in ("padded", "thd"):
-                key = f"tp{tp}/{name}"
+                key = f"{label}/{name}"
                 assert r[f"{key}/lp"] <= 1e-6
                 for agg in ("token_mean", "seq_mean"):
                     ref, got = r[f"{key}/loss/{agg}"]

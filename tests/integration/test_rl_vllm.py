@@ -1,13 +1,15 @@
 """The RL trainer rolling out with a real vLLM (the CPU build), a worker on every rank under the
 external launcher, in its own TP layout: at every step the engine's logprobs of the sampled tokens
 equal the trainer's (`rollout_mismatch`), so every vLLM shard received every update and no stale
-prefix cache survived; a run stopped by the preemption signal resumes to the straight run's metrics.
+prefix cache survived; a run stopped by the preemption signal resumes to the straight run's metrics;
+a run at trainer CP=2 trains as TP=2 does and its checkpoint resumes at CP=1.
 
 The policy moves at every step (an entropy bonus with a large learning rate), so an engine that missed
 an update would be off by far more than the bound; tests/rollout/test_vllm_engine.py shows the same
 measure catching a withheld bucket and a skipped prefix-cache reset."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +36,7 @@ LAYOUTS = {
     "tp2-vllm_tp2": ("parallel.tp=2", "rollout.vllm_tensor_parallel_size=2"),
     "tp2-vllm_tp1": ("parallel.tp=2", "rollout.vllm_tensor_parallel_size=1"),  # two vLLM replicas
     "pp2-vllm_tp2": ("parallel.pp=2", "rollout.vllm_tensor_parallel_size=2"),
+    "cp2-vllm_tp2": ("parallel.cp=2", "rollout.vllm_tensor_parallel_size=2"),  # each sequence over 2 ranks
 }
 
 
@@ -94,3 +97,18 @@ def test_kill_and_resume_gives_the_straight_runs_metrics(runs, tmp_path):
         assert {k: v for k, v in a.items() if k not in timing} == {
             k: v for k, v in b.items() if k not in timing
         }
+
+
+def test_context_parallel_run_matches_and_resumes_at_cp1(runs, tmp_path):
+    """Trainer CP=2 (each sequence split over both ranks) samples and trains as TP=2 does, to fp32
+    rounding: the same rollouts, losses and gradient norms. Its step-2 checkpoint resumes at CP=1
+    (TP=2) and gives the straight TP=2 run's step-3 loss."""
+    run = tmp_path / "cp2"
+    shutil.copytree(runs["cp2-vllm_tp2"], run)
+    train(run, 3, *VLLM, *LAYOUTS["tp2-vllm_tp2"])
+    resumed, straight = _rl_steps(run), _rl_steps(runs["tp2-vllm_tp2"])
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for a, b in zip(straight, resumed):
+        assert b["entropy"] == pytest.approx(a["entropy"], rel=1e-6)  # the same sampled tokens
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
