@@ -4,6 +4,7 @@ the recompute's time overhead and memory saving as ratios against `none` measure
 
     .venv/bin/python tools/bench_long_context.py                                   # cpu-23m, 1k 2k 4k
     .venv/bin/python tools/bench_long_context.py --preset cpu-40m --lengths 1024 2048 4096 8192
+    .venv/bin/python tools/bench_long_context.py --lengths 2048 4096 --cp 1 2      # CP=2 on 2 processes
     python tools/bench_long_context.py --preset gpu-1b --device cuda --lengths 4096 8192 16384  # + MFU
 
 Each (recompute, length) point builds the policy with `model.recompute` (full: uniform, 1 layer per
@@ -32,20 +33,25 @@ over the step time, against a GEMM of the model's shape measured in this run (as
 `tools/bench_train_step.py`). On CPU no MFU is printed.
 
 Structure: `measure_point` measures one (recompute, length) point on the current process group and
-returns a `Point`; `main` loops over points in one process (world size 1). A context-parallel column
-runs the same `measure_point` on every rank of a spawned group (`runtime.spawn.spawn_local`, CP ranks
-each holding length / CP tokens) and reports rank 0's `Point`, with `cp` set.
+returns a `Point`; `measure_all` loops over them. `--cp 1` runs in this process (world size 1); a
+context-parallel size N > 1 runs the same points on N spawned processes (`runtime.spawn.spawn_local`,
+each CP rank holding its load-balanced length / N positions of every sequence) and reports rank 0's
+`Point`s, with `cp` set: memory is per rank, tokens/s the whole group's (on a 2-core CPU the ranks
+share the cores, so read CP's time as a check that it runs, not as a speed-up).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
+import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -214,8 +220,6 @@ def micro_batches(vocab: int, length: int, sequences: int, cp: int = 1) -> list[
         prompt = torch.randint(3, vocab, (PROMPT,), generator=g).tolist()
         n = len(response)
         samples.append(Sample(prompt, response, [0.5] * n, [False] * n, [-1.0] * n))
-    if cp == 1:
-        return to_micro_batches(samples, 1, 0)
     return to_micro_batches(samples, 1, 0, cp=cp)  # padded to 2 x CP; `models.context_parallel` splits it
 
 
@@ -244,7 +248,10 @@ def reference_gemm_flops(m: int, k: int, n: int, dtype: torch.dtype, device: tor
 def measure_point(args, mode: str, length: int, device: torch.device, cp: int = 1) -> Point:
     """Build the policy with `model.recompute=mode`, warm up, time `args.steps` update steps on
     micro-batches of one `length`-position sequence, and measure its memory (module docstring)."""
+    from megatron.core import parallel_state
+
     from scope_mega.config import OptimConfig, RunConfig
+    from scope_mega.models.context_parallel import split_batch
     from scope_mega.models.gpt import build_gpt_model
     from scope_mega.rl.update import rl_loss
     from scope_mega.train_step import setup_training, train_step
@@ -254,7 +261,8 @@ def measure_point(args, mode: str, length: int, device: torch.device, cp: int = 
     cfg = run_config(hf, mode, length, device.type, cp)
     model, spec = build_gpt_model(cfg.model, cfg.parallel, device)
     state = setup_training(model, spec.vocab_size, OptimConfig(lr=1e-6), cfg.parallel, args.steps + 1)
-    batches = micro_batches(preset["vocab"], length, args.sequences, cp)
+    rank = parallel_state.get_context_parallel_rank()
+    batches = [split_batch(b, cp, rank) for b in micro_batches(preset["vocab"], length, args.sequences, cp)]
     loss = partial(rl_loss, RunConfig().loss)
 
     def step() -> None:
@@ -309,6 +317,29 @@ def table(points: list[Point]) -> str:
     return "\n".join(rows)
 
 
+def measure_all(args, cp: int) -> list[Point]:
+    """Every (length, mode) point on this process group (world size `cp`, every rank a CP rank)."""
+    from scope_mega.runtime.distributed import destroy_distributed, init_distributed
+
+    device = init_distributed(cp=cp, device=args.device, seed=0)
+    points = []
+    for length in args.lengths:
+        for mode in args.modes:
+            points.append(measure_point(args, mode, length, device, cp))
+            print(f"measured cp={cp} {mode} at {length}: {points[-1].seconds:.2f} s", flush=True)
+    destroy_distributed()
+    return points
+
+
+def _cp_worker(args, cp: int, out: str) -> None:
+    """`measure_all` on one rank of a spawned CP group; rank 0 writes its points to `out` (JSON)."""
+    if args.device == "cpu":
+        tune_glibc_for_rss()
+    points = measure_all(args, cp)
+    if os.environ["RANK"] == "0":
+        Path(out).write_text(json.dumps([asdict(p) for p in points]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu-23m")
@@ -317,6 +348,9 @@ def main() -> None:
     parser.add_argument("--modes", choices=MODES, nargs="+", default=list(MODES))
     parser.add_argument("--sequences", type=int, default=1, help="micro-batches (one sequence each) per step")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per point, after one warm-up")
+    parser.add_argument(
+        "--cp", type=int, nargs="+", default=[1], help="context-parallel sizes (>1: that many processes)"
+    )
     args = parser.parse_args()
     if min(args.lengths) <= PROMPT:
         parser.error(f"--lengths must exceed the {PROMPT}-token prompt")
@@ -325,18 +359,19 @@ def main() -> None:
     if args.device == "cpu":
         tune_glibc_for_rss()
 
-    from scope_mega.runtime.distributed import destroy_distributed, init_distributed
+    from scope_mega.runtime.spawn import spawn_local
 
-    device = init_distributed(device=args.device, seed=0)
     points = []
-    for length in args.lengths:
-        for mode in args.modes:
-            points.append(measure_point(args, mode, length, device))
-            print(f"measured {mode} at {length}: {points[-1].seconds:.2f} s", flush=True)
-    dtype = "bf16" if device.type == "cuda" else "fp32"
-    print(f"\n{args.preset} on {device.type} ({dtype}), {args.sequences} sequence(s) of each length per step")
+    for cp in args.cp:
+        if cp == 1:
+            points += measure_all(args, 1)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            spawn_local(_cp_worker, cp, args, cp, f"{tmp}/points.json")
+            points += [Point(**p) for p in json.loads(Path(f"{tmp}/points.json").read_text())]
+    dtype = "bf16" if args.device == "cuda" else "fp32"
+    print(f"\n{args.preset} on {args.device} ({dtype}), {args.sequences} sequence(s) of each length per step")
     print(table(points))
-    destroy_distributed()
 
 
 if __name__ == "__main__":
