@@ -17,21 +17,17 @@ matrices divided by TP, norms replicated; embedding on the first stage, output l
 - Adam: P * 12 with bf16 params (fp32 master copy + m + v), P * 8 with fp32 params; the distributed
   optimizer divides this by DP. Both figures are printed; the total uses the configured one.
 - FP8 weight copies (TE, FP8 on): 2 bytes per linear-layer parameter (the FP8 weight and its transpose).
-- activations (rough, bf16, no recomputation, flash attention so no s^2 term, no dropout masks):
-  per token per layer  2 * [4h / (TP if sequence_parallel else 1) + ((2H + 2G) * d + 3f) / TP]
-  (the two norm inputs and the two matmul inputs of width h; Q, K, V, the attention output; the
-  gate/up output 2f and the SwiGLU output f), times tokens per micro batch
-  (rl.micro_batch_size * (data.max_prompt_tokens + rollout.max_new_tokens), or
-  rl.max_tokens_per_micro_batch when micro-batches are packed), times layers per stage,
-  times micro batches in flight on the first stage under 1F1B (min(PP, micro batches per step)); plus
-  the fp32 logits and their gradient on the last stage: tokens * padded_vocab / TP * 8. FP8 stores some
-  GEMM inputs in 1 byte, so with FP8 this is an upper bound.
+- activations: `activation_bytes` (below), the stage's stored activations times the micro batches in
+  flight on the first stage under 1F1B (min(PP, micro batches per step)), plus what a recompute
+  recomputes at once, plus the last stage's logits buffers.
 - engine: weights = params * (1 if vllm_fp8_weights else 2) / TP_e; budget = gpu_memory_utilization *
   GPU memory; KV cache = budget - weights (vLLM's own activation workspace is not subtracted); KV bytes
-  per token = 2 (K and V) * layers * max(1, G / TP_e) * d * 2. The guide engine has its own budget
-  (`guide.vllm_gpu_memory_utilization`); the transformers engine's is its weights plus the KV cache of
-  its driver's whole batch. vLLM on CPU (fp32, 4 bytes) is given its KV cache in tokens instead
-  (`vllm_kv_cache_tokens`, the same for the guide engine): budget = weights + that cache.
+  per token = 2 (K and V) * layers * max(1, G / TP_e) * d * 2; the cache must hold one sequence of the
+  engines' `max_model_len` (`rollout_max_model_len`: the longest prompt plus response, which the
+  trainer passes to vLLM; `validation.check_fits` refuses a cache that cannot). The guide engine has
+  its own budget (`guide.vllm_gpu_memory_utilization`); the transformers engine's is its weights plus
+  the KV cache of its driver's whole batch. vLLM on CPU (fp32, 4 bytes) is given its KV cache in tokens
+  instead (`vllm_kv_cache_tokens`, the same for the guide engine): budget = weights + that cache.
   `gpu_memory_utilization` there would be a share of the whole machine for every rank (vLLM's CPU
   rule), which two ranks on one node cannot both have; the tokens one step's rollouts hold at once are
   known from the config, need nothing from the machine, and the plan counts them exactly.
@@ -51,12 +47,47 @@ Phases (trainer.py; offload = `rl.offload`, on for CUDA by default), per GPU, ea
 - host per node: offloaded Adam states and the weights of sleeping engines (level 1), per GPU, times
   the node's GPUs; at most HOST_USABLE of the node's memory.
 A phase over the GPU's memory (or the host over its share) is refused by `validation.check_fits`.
+
+Activations of the update (`activation_bytes`; bytes = elements x 2 in bf16, x 4 in fp32 on CPU).
+Source: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"
+(arXiv:2205.05198), Section 4 / Table 2 and eq. 1-2: per layer sbh(34 + 5as/h) bytes without
+parallelism, sbh(10 + 24/t + 5as/(ht)) with TP t, sbh(34/t + 5as/(ht)) with TP and sequence
+parallelism, sbh(34/t) with selective recompute (no 5as/h attention term), 2sbh per layer with full
+recompute (the layer's input). Adapted here to what these layers keep: RMSNorm, SwiGLU (ffn f, gate
+and up projections), grouped-query attention (H query heads, G KV heads of size d), no dropout masks
+(dropout is 0), no biases kept. Notation: t = TP, c = CP, sp = t with sequence parallelism (else 1),
+T = tokens a GPU holds in one micro batch, s = the longest sequence's length (the keys a query sees).
+Elements kept per token and layer, without recompute (`ModelSize.layer_activations`):
+    a = 4h / sp                the two RMSNorm inputs and the two norm outputs (QKV's and fc1's inputs)
+      + (2H + 2G) d / t        Q, K, V after RoPE and the attention output (the projection's input)
+                               -- Transformer Engine's flash/fused attention keeps no s x s term;
+      + 3f / t                 fc1's output (gate and up, 2f) and SwiGLU's output (fc2's input, f).
+    The local spec (CPU, `transformer_impl: local`) materialises the attention probabilities
+    [b, H/t, s, s] and expands K and V to H heads: its attention term is (4Hd + H s) / t, and at CP>1
+    each GPU gathers the sequence's K and V from the others: (2Hd + 2Hd c + H s) / t.
+Selective recompute (Megatron's `recompute_modules`, `models.arch.SELECTIVE_MODULES` per spec):
+    "core_attn" keeps only the attention's inputs and output: (2H + 2G) d / t, no s x s term;
+    "layernorm" drops the two norm outputs: - 2h / sp;
+    "mlp" keeps only the MLP's input: - 3f / t (on Transformer Engine, whose fc1 holds the fused
+    pre-MLP norm, its norm output too: - h / sp).
+Full recompute keeps h / sp per token for each checkpointed chunk (its input): "uniform" with
+    N = recompute_num_layers keeps L/N chunk inputs and, while one chunk's backward runs, that chunk's N
+    layers whole (N x a, for one micro batch); "block" keeps N layer inputs and L - N layers whole, plus
+    one layer whole while it is recomputed.
+Per GPU: T = micro_batch_size x seq / c (padded), or with a token budget (per GPU, packed whole
+sequences: budget x c per micro batch) T = max(budget, ceil(seq / c)), since a sequence longer than
+the budget is a micro batch of its own. CP divides tokens; SP divides the h-wide terms by t.
+The stage: bytes x T x (L_stage x kept x in-flight micro batches + what one recompute holds).
+The last stage adds the loss's logits buffers, T x padded_vocab / t x LOGIT_BYTES: the fp32 tensors
+the log-softmax and the entropy keep for backward (13 B per element, measured with saved-tensor hooks:
+the log-softmax's exp 4, the entropy's exp and shifted logits 8 and finiteness mask 1) and the fp32
+gradient of the logits (4). FP8 stores some GEMM inputs in 1 byte: with FP8 this is an upper bound.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from scope_mega.config import RunConfig
@@ -129,11 +160,65 @@ class ModelSize:
     def kv_bytes_per_token(self, tp: int, dtype_bytes: int = 2) -> int:
         return 2 * self.layers * max(1, self.kv_heads // tp) * self.head_dim * dtype_bytes
 
-    def activation_bytes_per_token_layer(self, tp: int, sequence_parallel: bool) -> float:
-        h, d = self.hidden, self.head_dim
-        replicated = 4 * h / (tp if sequence_parallel and tp > 1 else 1)
-        sharded = ((2 * self.heads + 2 * self.kv_heads) * d + 3 * self.ffn) / tp
-        return 2 * (replicated + sharded)
+    def layer_activations(self, lay: ActivationLayout, span: int, recomputed: tuple[str, ...] = ()) -> float:
+        """Elements one layer keeps for backward per token a GPU holds (module docstring), with the
+        `recomputed` submodules of selective recompute dropped; `span` is the keys a query sees (the
+        local spec's s x s term)."""
+        h, d, heads, t, sp = self.hidden, self.head_dim, self.heads, lay.tp, lay.sp
+        norms = (2 if "layernorm" in recomputed else 4) * h / sp
+        if lay.local_spec and "core_attn" not in recomputed:
+            attention = (2 * heads * d + 2 * heads * d * lay.cp + heads * span) / t
+        else:
+            attention = (2 * heads + 2 * self.kv_heads) * d / t
+        mlp = 3 * self.ffn / t
+        if "mlp" in recomputed:
+            mlp = 0.0 if lay.local_spec else -h / sp  # TE's fc1 holds the pre-MLP norm: its output goes too
+        return norms + attention + mlp
+
+
+@dataclass(frozen=True)
+class ActivationLayout:
+    """How a GPU holds the update's activations: parallel sizes, the layer spec, the recompute."""
+
+    tp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+    local_spec: bool = False  # Megatron's local layers: attention probabilities materialised
+    recompute: str = "none"  # none | selective | full
+    recompute_method: str = "uniform"  # uniform | block (full)
+    recompute_num_layers: int = 1
+    selective_modules: tuple[str, ...] = ()
+    dtype_bytes: int = 2
+
+    @property
+    def sp(self) -> int:
+        """What sequence parallelism divides the h-wide activations by."""
+        return self.tp if self.sequence_parallel and self.tp > 1 else 1
+
+
+# fp32 bytes per logits element the loss keeps (log-softmax 4, entropy 9) plus the logits' fp32 gradient
+LOGIT_BYTES = 13 + 4
+
+
+def activation_bytes(
+    size: ModelSize, lay: ActivationLayout, stage_layers: int, tokens: int, span: int, in_flight: int = 1
+) -> int:
+    """Bytes a pipeline stage of `stage_layers` layers keeps for `in_flight` micro batches of `tokens`
+    tokens per GPU (module docstring), plus what a full recompute holds while it recomputes."""
+    whole = size.layer_activations(lay, span)
+    layer_input = size.hidden / lay.sp
+    recompute_once = 0.0
+    if lay.recompute == "selective":
+        kept = stage_layers * size.layer_activations(lay, span, lay.selective_modules)
+    elif lay.recompute == "full" and lay.recompute_method == "uniform":
+        n = min(lay.recompute_num_layers, stage_layers)
+        kept, recompute_once = -(-stage_layers // n) * layer_input, n * whole
+    elif lay.recompute == "full":  # block: the first n layers of the stage
+        n = min(lay.recompute_num_layers, stage_layers)
+        kept, recompute_once = n * layer_input + (stage_layers - n) * whole, whole
+    else:
+        kept = stage_layers * whole
+    return int(lay.dtype_bytes * tokens * (in_flight * kept + recompute_once))
 
 
 def model_size_of_dir(path: str | None) -> ModelSize | None:
@@ -173,14 +258,58 @@ def vllm_kv_cache_tokens(cfg: RunConfig, replicas: int) -> int:
     from scope_mega.models.arch import load_hf_config
 
     positions = load_hf_config(cfg.model.hf_config).max_position_embeddings
-    seq = positions
-    if cfg.data.task == "math":
-        seq = min(positions, cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
+    longest = min(positions, rollout_max_model_len(cfg) or positions)  # the engine's max_model_len
     prompts = -(-cfg.rl.prompts_per_step // replicas)
-    return vllm_cpu_kv_tokens(prompts * cfg.rl.group_size, seq, positions)
+    return vllm_cpu_kv_tokens(prompts * cfg.rl.group_size, longest, longest)
 
 
 # ----------------------------------------------------------------------------- the plan
+
+
+def sequence_tokens(cfg: RunConfig) -> int:
+    """The longest sequence a step trains on: `data.max_prompt_tokens` (the math task; Countdown's
+    prompts are not bounded by the config and short) plus `rollout.max_new_tokens`."""
+    return (cfg.data.max_prompt_tokens if cfg.data.task == "math" else 0) + cfg.rollout.max_new_tokens
+
+
+def rollout_max_model_len(cfg: RunConfig) -> int | None:
+    """vLLM's `max_model_len` for the run's engines: the longest prompt plus response
+    (`data.max_prompt_tokens + rollout.max_new_tokens`) for the math task, whose prompts the config
+    bounds; None (the model's `max_position_embeddings`) for Countdown, whose prompts it does not.
+    `validation` refuses a config whose sequences the model's positions cannot hold."""
+    return sequence_tokens(cfg) if cfg.data.task == "math" else None
+
+
+def micro_batch_tokens(cfg: RunConfig, seq: int) -> int:
+    """Tokens one GPU holds in the update's largest micro batch (module docstring): the token budget
+    is per GPU (budget x CP tokens of whole sequences per micro batch), and a sequence longer than
+    budget x CP is a micro batch of its own, ceil(seq / CP) tokens per GPU."""
+    cp = cfg.parallel.cp
+    if cfg.rl.max_tokens_per_micro_batch:
+        return max(cfg.rl.max_tokens_per_micro_batch, -(-seq // cp))
+    return cfg.rl.micro_batch_size * -(-seq // cp)
+
+
+def activation_layout(cfg: RunConfig, target: str, dtype_bytes: int) -> ActivationLayout:
+    """The update's `ActivationLayout` for `cfg` on `target`: the local spec on CPU or where
+    `model.transformer_impl: local`, else Transformer Engine; selective recompute's modules are the
+    ones `models.arch` gives Megatron for that spec."""
+    from scope_mega.models.arch import SELECTIVE_MODULES
+
+    m, par = cfg.model, cfg.parallel
+    local = target == "cpu" or m.transformer_impl == "local"
+    return ActivationLayout(
+        tp=par.tp,
+        cp=par.cp,
+        sequence_parallel=par.sequence_parallel,
+        local_spec=local,
+        recompute=m.recompute,
+        recompute_method=m.recompute_method,
+        recompute_num_layers=m.recompute_num_layers,
+        selective_modules=tuple(SELECTIVE_MODULES["local" if local else "te"]),
+        dtype_bytes=dtype_bytes,
+    )
+
 
 # Estimates the model cannot derive, stated once (check them against the trainer's memory/* metrics):
 SLEEPING_ENGINE = 1 * GIB  # what a sleeping vLLM engine keeps on its GPU (CUDA graphs, allocator pools)
@@ -197,6 +326,7 @@ class Role:
     pp: int
     dp: int  # data-parallel ranks (trainer) or replicas (engines)
     note: str = ""
+    cp: int = 1
 
 
 @dataclass
@@ -209,8 +339,10 @@ class TrainerMemory:
     fp8_weights: int
     activations: int
     micro_batches_in_flight: int
-    tokens_per_micro_batch: int
+    tokens_per_micro_batch: int  # per GPU (a CP rank holds 1/CP of a micro batch's tokens)
     distributed_optimizer: bool
+    layout: ActivationLayout = field(default_factory=ActivationLayout)
+    logits: int = 0  # of `activations`: the last stage's logits buffers
 
     @property
     def adam_used(self) -> int:
@@ -324,20 +456,22 @@ def make_plan(
     adam = p_gpu * (12 if pbytes == 2 else 8)
     fp8 = cfg.model.fp8.enabled and target == "cuda"
     linear_gpu = a.layers // par.pp * a.layer_sharded() // par.tp
-    seq = (cfg.data.max_prompt_tokens if cfg.data.task == "math" else 0) + cfg.rollout.max_new_tokens
+    seq = sequence_tokens(cfg)
     seqs_per_rank = -(-cfg.rl.prompts_per_step * cfg.rl.group_size // dp)
-    if cfg.rl.max_tokens_per_micro_batch:  # packed by a token budget: at most that many slots each
-        tokens_mb = cfg.rl.max_tokens_per_micro_batch
-        n_micro = max(1, seqs_per_rank * seq // tokens_mb)
+    tokens_mb = micro_batch_tokens(cfg, seq)
+    if cfg.rl.max_tokens_per_micro_batch:  # packed: tokens_mb x CP tokens of whole sequences each
+        n_micro = max(1, seqs_per_rank * seq // (tokens_mb * par.cp))
     else:
-        tokens_mb = cfg.rl.micro_batch_size * seq
         n_micro = max(1, -(-seqs_per_rank // cfg.rl.micro_batch_size))
     in_flight = min(par.pp, n_micro)
-    per_layer = a.activation_bytes_per_token_layer(par.tp, par.sequence_parallel)
+    layout = activation_layout(cfg, target, pbytes)
     stage_layers = a.layers // par.pp
-    logits = tokens_mb * padded // par.tp * 8
-    first = stage_layers * in_flight * tokens_mb * per_layer + (logits if par.pp == 1 else 0)
-    last = stage_layers * tokens_mb * per_layer + logits
+    span = min(seq, tokens_mb * par.cp)  # the keys a query sees: its sequence, at most the micro batch
+    logits = tokens_mb * padded // par.tp * LOGIT_BYTES
+    first = activation_bytes(a, layout, stage_layers, tokens_mb, span, in_flight) + (
+        logits if par.pp == 1 else 0
+    )
+    last = activation_bytes(a, layout, stage_layers, tokens_mb, span) + logits
     trainer = TrainerMemory(
         params_per_gpu=p_gpu,
         weights=p_gpu * pbytes,
@@ -349,6 +483,8 @@ def make_plan(
         micro_batches_in_flight=in_flight,
         tokens_per_micro_batch=tokens_mb,
         distributed_optimizer=par.distributed_optimizer,
+        layout=layout,
+        logits=logits,
     )
     gpu_mem = int(gpu_memory_gib * GIB)
     if par.distributed_optimizer and dp == 1:
@@ -381,7 +517,14 @@ def make_plan(
         warnings.append(f"vLLM TP={etp} does not divide the attention heads / KV heads")
 
     roles = [
-        Role("policy trainer (Megatron)", par.tp, par.pp, dp, f"{model_parallel} GPUs per model replica"),
+        Role(
+            "policy trainer (Megatron)",
+            par.tp,
+            par.pp,
+            dp,
+            f"{model_parallel} GPUs per model replica",
+            par.cp,
+        ),
         Role(
             f"rollout engine ({cfg.rollout.engine})",
             etp,
@@ -395,11 +538,11 @@ def make_plan(
     prm_activations = 0
     if scope_on and cfg.guide.prm == "model":
         prm, n, source = _helper_params(cfg.guide.prm_path, cfg.guide.prm_params_b, "prm_params_b")
-        roles.append(Role("PRM (Megatron, forward only)", par.tp, par.pp, dp, source))
+        roles.append(Role("PRM (Megatron, forward only)", par.tp, par.pp, dp, source, par.cp))
         helpers["prm"] = Helper(n, source, n * 2 // (par.tp * par.pp))  # bf16, the trainer's layout
         # one forward of PRM_BATCH sequences, one layer alive at a time (the policy's shape if unknown)
-        prm_layer = (prm or a).activation_bytes_per_token_layer(par.tp, par.sequence_parallel)
-        prm_activations = int(PRM_BATCH * seq * prm_layer)
+        prm_layout = replace(layout, recompute="none")
+        prm_activations = activation_bytes(prm or a, prm_layout, 1, PRM_BATCH * -(-seq // par.cp), seq)
     elif scope_on:
         roles.append(Role("PRM", 0, 0, 0, "oracle (task checker, no GPU)"))
     if scope_on and cfg.scope.guide == "engine":

@@ -5,11 +5,19 @@ lays them out.
 
 from __future__ import annotations
 
-from scope_mega.plan import GIB, PHASES, Plan
+from scope_mega.plan import GIB, PHASES, ActivationLayout, Plan
 
 
 def _gib(n: int | float) -> str:
     return f"{n / GIB:7.2f} GiB"
+
+
+def _recompute(layout: ActivationLayout) -> str:
+    if layout.recompute == "full":
+        return f"recompute full, {layout.recompute_method}, {layout.recompute_num_layers} layer(s)"
+    if layout.recompute == "selective":
+        return f"recompute selective ({', '.join(layout.selective_modules)})"
+    return "no recompute"
 
 
 def format_plan(plan: Plan) -> str:
@@ -30,10 +38,9 @@ def format_plan(plan: Plan) -> str:
     ]
     for r in plan.roles:
         if r.tp:
-            lines.append(
-                f"  {r.name:34s} TP={r.tp} PP={r.pp} {'DP=' if 'trainer' in r.name else 'replicas='}{r.dp}  "
-                f"{r.note}"
-            )
+            cp = f"CP={r.cp} " if r.cp > 1 else ""
+            dp = "DP=" if "trainer" in r.name else "replicas="
+            lines.append(f"  {r.name:34s} TP={r.tp} PP={r.pp} {cp}{dp}{r.dp}  {r.note}")
         else:
             lines.append(f"  {r.name:34s} {r.note}")
     adam_used = "distributed" if t.distributed_optimizer else "replicated"
@@ -46,7 +53,8 @@ def format_plan(plan: Plan) -> str:
         f" (using {adam_used})",
         f"  FP8 weight copies       {_gib(t.fp8_weights)}",
         f"  activations (rough)     {_gib(t.activations)} ({t.micro_batches_in_flight} micro batch(es) in "
-        f"flight x {t.tokens_per_micro_batch} tokens)",
+        f"flight x {t.tokens_per_micro_batch} tokens per GPU; {_recompute(t.layout)}; "
+        f"logits {_gib(t.logits).strip()})",
         f"  total                   {_gib(t.total)}",
         "",
         f"rollout engine memory per GPU (TP={e.tp}):",

@@ -3,15 +3,16 @@ checks as it builds the dataclasses), behind one `validate(cfg, target, world_si
 mistake is a one-line `ConfigError` that names the key and the fix; the CLI prints it and exits 2.
 
 `validate` runs, in this order (each a function below):
-- `_check_sections`: rules across sections (context parallel, the overlong buffer, the LR decay, THD
-  packing's token budget, the SFT batch).
+- `_check_sections`: rules across sections (the overlong buffer, the LR decay, THD packing's token
+  budget, the SFT batch).
 - `_check_layout`: every model the config names against the parallel layout: the policy's HF config
   itself (an inline one names only keys its transformers config class knows, with a did-you-mean;
   sizes are positive integers; what transformers refuses; heads a multiple of the KV heads, a hidden
   size the heads divide, an even head size for RoPE, a positive norm epsilon and RoPE base, SwiGLU's
   `silu`), its heads, KV groups and layers vs TP / PP, what `models.arch` cannot build (family, rope
-  scaling, sliding window; its `ArchError` becomes a `ConfigError`), and the PRM's KV heads vs TP
-  where its config.json is readable here.
+  scaling, sliding window; its `ArchError` becomes a `ConfigError`), context parallelism's head
+  rule (`a2a` needs the heads per TP rank divisible by CP), and the PRM's KV heads vs TP where its
+  config.json is readable here.
 - `_check_device`, for `target`: None is this machine (`device` resolved here, Transformer Engine
   where it imports); "cuda" is a CUDA node seen from anywhere, a CPU login node included
   (`transformer_impl: auto` resolves to TE, the `[gpu]` extra assumed installed there; FP8 is
@@ -23,8 +24,9 @@ mistake is a one-line `ConfigError` that names the key and the fix; the CLI prin
 - a stage, run here (`target` None): its `latest` checkpoint marker, when resuming, names a complete
   checkpoint (`_check_resume`).
 - `stage="rl"` (`_check_trainer`): what the RL trainer can run: vLLM against the world size and the
-  models' heads, the oracle guide and PRM (Countdown only), the guide engine, off-policy clipping, the
-  KL reference's starting weights, the PRM checkpoint, the task's inputs, the RL batch over the
+  models' heads, the oracle guide and PRM (Countdown only), the longest prompt plus response against
+  the model's positions (`_check_positions`, also in `checked_plan`), the guide engine, off-policy
+  clipping, the KL reference's starting weights, the PRM checkpoint, the task's inputs, the RL batch over the
   data-parallel ranks, and on a CUDA node the memory plan for this node (`check_memory_here`); for a
   run here that does not resume its own checkpoint, the weights it starts from (`_check_rl_start`):
   `rl.init_from` names a checkpoint (not a run directory, which the message turns into the path to
@@ -40,7 +42,10 @@ filesystem has no `flock` (Lustre mounted without `-o flock`) it says so in one 
 
 `load_config` (`parse_config` + `validate(cfg)`) is what `scope-mega sft|train CONFIG` reads a config
 with; `load_config_for_target` and `checked_plan` are `train --dry-run`'s: the config checked for a
-target device, and its memory plan (`plan.make_plan`) refused in one line where a phase does not fit.
+target device, and its memory plan (`plan.make_plan`) refused in one line where a phase does not fit;
+for the update phase the line names the knobs that would make it fit (recompute, CP, TP, PP, the
+distributed optimizer, the token budget), each with the GiB it would need, found by planning again
+with that knob changed where `validate` accepts it (`_refit`).
 
 Imports `config`, `models.arch` and `runtime.distributed`; inside functions the estimate (`plan`),
 and `run_dir`. Imported by the stages (`stage`), the CLI, the converters (`convert`,
@@ -134,8 +139,6 @@ def _arch(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _check_sections(cfg: RunConfig) -> None:
-    if cfg.parallel.cp != 1:
-        raise ConfigError("parallel.cp > 1 (context parallel) is not supported yet; set parallel.cp=1")
     if cfg.rl.overlong == "penalty" and not 1 <= cfg.rl.overlong_buffer <= cfg.rollout.max_new_tokens:
         raise ConfigError(
             f"rl.overlong=penalty needs 1 <= rl.overlong_buffer <= rollout.max_new_tokens="
@@ -179,6 +182,7 @@ def _check_layout(cfg: RunConfig) -> transformers.PretrainedConfig:
             f"parallel.pp={par.pp} does not divide num_hidden_layers={hf.num_hidden_layers}; "
             f"choose a divisor of {hf.num_hidden_layers}"
         )
+    _check_context_parallel(cfg, heads, kv)
     _arch(arch.rope_scaling, hf)
     _arch(arch.check_sliding_window, hf)
     if _prm_model_in_use(cfg):
@@ -191,6 +195,37 @@ def _check_layout(cfg: RunConfig) -> transformers.PretrainedConfig:
                 f"parallel.tp={par.tp}, which must divide them"
             )
     return hf
+
+
+def _check_context_parallel(cfg: RunConfig, heads: int, kv_heads: int) -> None:
+    """What CP > 1 needs of the heads: Transformer Engine's `a2a` (all-to-all, Ulysses-style) CP
+    attention gives each CP rank whole heads, so the query and the KV heads of a TP rank must divide
+    by CP; `p2p` (the ring, the default) and `allgather` split the sequence and take any head count."""
+    par = cfg.parallel
+    if par.cp == 1 or par.cp_comm_type != "a2a":
+        return
+    for what, n in (("query heads", heads), ("KV heads", kv_heads)):
+        if n // par.tp % par.cp:
+            raise ConfigError(
+                f"parallel.cp_comm_type=a2a needs the {what} per TP rank ({n} / tp={par.tp} = {n // par.tp}) "
+                f"divisible by parallel.cp={par.cp}; use parallel.cp_comm_type=p2p, which takes any head "
+                "count"
+            )
+
+
+def _check_positions(cfg: RunConfig) -> None:
+    """The longest prompt plus response (the engines' `max_model_len`, `plan.rollout_max_model_len`)
+    fits the policy's positions (RL, and the plan of `train --dry-run`)."""
+    from scope_mega.plan import rollout_max_model_len
+
+    longest = rollout_max_model_len(cfg)
+    positions = _arch(arch.load_hf_config, cfg.model.hf_config).max_position_embeddings
+    if longest is not None and longest > positions:
+        raise ConfigError(
+            f"data.max_prompt_tokens + rollout.max_new_tokens = {cfg.data.max_prompt_tokens} + "
+            f"{cfg.rollout.max_new_tokens} = {longest} tokens is more than the model's "
+            f"max_position_embeddings={positions}; lower one of them"
+        )
 
 
 def _check_hf_keys(source: dict[str, Any] | str) -> None:
@@ -338,6 +373,7 @@ def _check_trainer(cfg: RunConfig, world_size: int | None, target: str | None) -
             raise ConfigError(
                 f"{what} is Countdown's solver/checker; data.task={cfg.data.task} needs a model"
             )
+    _check_positions(cfg)
     if cfg.scope.enabled and cfg.scope.guide == "engine" and not cfg.guide.guide_model:
         raise ConfigError("scope.guide=engine needs guide.guide_model (a Hugging Face model directory)")
     if cfg.loss.off_policy == "clip" and not (cfg.scope.enabled and cfg.scope.guide == "engine"):
@@ -515,10 +551,105 @@ _HELPER_SIZES = {"prm": ("prm_path", "prm_params_b"), "guide": ("guide_model", "
 _KNOBS = {
     "rollout": "lower rollout.vllm_gpu_memory_utilization or guide.vllm_gpu_memory_utilization, raise "
     "rollout.vllm_tensor_parallel_size, or set rl.offload=on",
-    "update": "raise parallel.tp or parallel.pp, set parallel.distributed_optimizer=true, or lower "
-    "rollout.max_new_tokens or rl.micro_batch_size",
+    "update": "lower rollout.max_new_tokens or rl.max_tokens_per_micro_batch",
     "sync": "raise rollout.vllm_tensor_parallel_size, lower rollout.sync_bucket_mb, or set rl.offload=on",
 }
+
+
+def _update_knobs(cfg: RunConfig, world: int) -> list[dict[str, Any]]:
+    """One-knob changes that lower the update phase's memory, as dotted overrides: recompute (selective,
+    full), a larger CP, TP or PP (doublings that the world size holds), the distributed optimizer, half
+    the token budget. Which of them are legal is `validate`'s to say (`_refit`)."""
+    par, m = cfg.parallel, cfg.model
+    knobs: list[dict[str, Any]] = []
+    if m.recompute == "none":
+        knobs.append({"model.recompute": "selective"})
+    if m.recompute != "full" or m.recompute_num_layers > 1 or m.recompute_method == "block":
+        knobs.append(
+            {"model.recompute": "full", "model.recompute_method": "uniform", "model.recompute_num_layers": 1}
+        )
+    for key, now in (("parallel.cp", par.cp), ("parallel.tp", par.tp), ("parallel.pp", par.pp)):
+        n = now * 2
+        while world % (par.tp * par.pp * par.cp * n // now) == 0:
+            knobs.append({key: n})
+            n *= 2
+    if not par.distributed_optimizer:
+        knobs.append({"parallel.distributed_optimizer": True})
+    budget = cfg.rl.max_tokens_per_micro_batch
+    if budget and budget > 1:
+        knobs.append({"rl.max_tokens_per_micro_batch": budget // 2})
+    return knobs
+
+
+def _with(cfg: RunConfig, changes: dict[str, Any]) -> RunConfig:
+    """A copy of `cfg` with dotted `changes` applied."""
+    import copy
+
+    new = copy.deepcopy(cfg)
+    for dotted, value in changes.items():
+        *path, name = dotted.split(".")
+        section = new
+        for part in path:
+            section = getattr(section, part)
+        setattr(section, name, value)
+    return new
+
+
+def _current(cfg: RunConfig, dotted: str) -> Any:
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _shown(cfg: RunConfig, changes: dict[str, Any]) -> str:
+    """`changes` as the overrides that differ from `cfg` ("model.recompute=full parallel.cp=2")."""
+    shown = [
+        f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+        for key, value in changes.items()
+        if _current(cfg, key) != value
+    ]
+    return " ".join(shown)
+
+
+def _refit(cfg: RunConfig, plan: Plan, phase: str) -> str:
+    """The knobs that make `phase` fit, each with the GiB per GPU it would need there, found by
+    planning again with the knob changed (only changes `validate` accepts for this target and world);
+    where no single knob fits, recompute with each of the others. Empty where nothing found fits."""
+    from scope_mega.plan import GIB, make_plan
+
+    machine = dict(
+        gpu_memory_gib=plan.gpu_memory / GIB,
+        gpus_per_node=plan.gpus_per_node,
+        host_memory_gib=plan.host_memory / GIB,
+    )
+
+    def need(changes: dict[str, Any]) -> int | None:
+        new = _with(cfg, changes)
+        try:
+            validate(new, plan.target, plan.world_size)
+            _check_rl_batch(new, plan.world_size)
+        except ConfigError:
+            return None
+        return make_plan(new, plan.target, plan.world_size, **machine).phase_total(phase)
+
+    def fitting(candidates: list[dict[str, Any]]) -> list[str]:
+        found = []
+        for changes in candidates:
+            total = need(changes)
+            if total is not None and total <= plan.gpu_memory:
+                found.append(f"{_shown(cfg, changes)} -> {total / GIB:.1f} GiB")
+        return found
+
+    if phase != "update":
+        return ""
+    knobs = _update_knobs(cfg, plan.world_size)
+    found = fitting(knobs)
+    if not found:
+        full = next((k for k in knobs if k.get("model.recompute") == "full"), None)
+        if full is not None:
+            found = fitting([full | k for k in knobs if "model.recompute" not in k])
+    return "; ".join(found[:6])
 
 
 def checked_plan(cfg: RunConfig, target: str = "cuda", world_size: int | None = None, **machine: Any) -> Plan:
@@ -531,6 +662,7 @@ def checked_plan(cfg: RunConfig, target: str = "cuda", world_size: int | None = 
     world = world_size or default_world_size(cfg)
     _check_world(cfg, world)
     _check_engine_world(cfg, world)
+    _check_positions(cfg)
     plan = make_plan(cfg, target, world, **machine)
     for name, helper in plan.helpers.items():
         if helper.source is None:
@@ -568,9 +700,11 @@ def check_fits(plan: Plan, cfg: RunConfig) -> None:
         if need > plan.gpu_memory:
             parts = sorted(plan.phases[phase].items(), key=lambda kv: -kv[1])[:4]
             biggest = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts)
+            fits = _refit(cfg, plan, phase)
+            advice = f"it fits with {fits} (or {_KNOBS[phase]})" if fits else _KNOBS[phase]
             raise ConfigError(
                 f"plan: the {phase} phase needs {need / GIB:.1f} GiB per GPU of {plan.gpu_memory / GIB:g} "
-                f"({biggest}): {_KNOBS[phase]}"
+                f"({biggest}): {advice}"
             )
     usable = HOST_USABLE * plan.host_memory
     if plan.host_per_node > usable:

@@ -19,6 +19,8 @@ CLUSTER = {  # example -> (world size, expected trainer layout line, HF paramete
     "qwen2.5-math-7b.yaml": (8, "TP=2 PP=1 DP=4", 7_615_616_512),
     "qwen2.5-32b.yaml": (32, "TP=8 PP=1 DP=4", 32_763_876_352),
     "llama-3.3-70b.yaml": (64, "TP=8 PP=4 DP=2", 70_553_706_496),
+    "qwen2.5-32b-32k.yaml": (64, "TP=8 PP=1 CP=2 DP=4", 32_763_876_352),
+    "llama-3.3-70b-16k.yaml": (64, "TP=8 PP=4 DP=2", 70_553_706_496),
 }
 
 
@@ -47,7 +49,7 @@ def test_a_phase_that_cannot_fit_is_refused_in_one_line(capsys):
     cases = {
         "rollout.vllm_gpu_memory_utilization=0.6": "the rollout phase needs 89.2 GiB per GPU of 80",
         "rl.offload=off": "the rollout phase needs 98.0 GiB per GPU of 80",
-        "parallel.distributed_optimizer=false": "the update phase needs 92.3 GiB per GPU of 80",
+        "parallel.distributed_optimizer=false": "the update phase needs 94.9 GiB per GPU of 80",
         "rollout.vllm_gpu_memory_utilization=0.05": "the policy engine's KV cache",
         "guide.vllm_gpu_memory_utilization=0.05": "the guide engine's budget (4.0 GiB) does not hold",
         "--host-memory-gib=128": "host memory per node needs 199 GiB of 115 usable",
@@ -115,8 +117,8 @@ guide: {prm: model, prm_path: /absent/prm, guide_model: /absent/guide, vllm_gpu_
     assert p == 93_602_816 == plan.trainer.params_per_gpu
     weights, grads, adam = 2 * p, 4 * p, 12 * p // 2  # bf16; fp32 grads; Adam / DP=2
     # activations: 2 x (4h + ((2x16 + 2x4) x 64 + 3f) / TP) = 23,040 B per token and layer, 2 x 1024
-    # tokens, 8 layers; fp32 logits and their gradient 2048 x 32000 / 2 x 8
-    act = 8 * 2048 * 23_040 + 2048 * 32000 // 2 * 8
+    # tokens, 8 layers; the loss's fp32 logits buffers and their gradient 2048 x 32000 / 2 x 17
+    act = 8 * 2048 * 23_040 + 2048 * 32000 // 2 * 17
     prm_weights, prm_act = 500_000_000 * 2 // 2, 8 * 1024 * 23_040  # 8 sequences, one layer alive
     engine_weights = (2 * 32000 * 1024 + 8 * (15_204_352 + 2048) + 1024) * 2 // 2
     guide_weights = 1_000_000_000 * 2 // 2
@@ -197,7 +199,7 @@ def test_7b_tp2_memory_by_hand():
     # activations: one 4096-token micro batch, 28 layers, SP on, plus fp32 logits + grad
     per_tok_layer = 2 * (4 * h / 2 + ((2 * 28 + 2 * 4) * 128 + 3 * f) / 2)
     assert per_tok_layer == 79360
-    assert t.activations == int(L * 4096 * per_tok_layer + 4096 * V // 2 * 8)
+    assert t.activations == int(L * 4096 * per_tok_layer) + 4096 * V // 2 * 17
     # engine: TP=2 bf16 weights, KV = 2 * layers * kv_heads / TP * head_dim * 2 bytes per token
     e = plan.engine
     assert e.weights == total * 2 // 2
@@ -258,3 +260,143 @@ def test_helper_sizes_come_from_config_json_where_readable(tmp_path):
     assert guide.weights_per_gpu == guide.params * 2  # bf16, vLLM TP=1
     with pytest.raises(ConfigError, match="has 1 KV heads; it runs at the trainer's parallel.tp=2"):
         make_plan(load_config_for_target(ex, paths[:2])[0], "cuda", world_size=8)
+
+
+def _plan(name: str, overrides: list[str], world: int, target: str = "cuda"):
+    cfg, _, _ = load_config_for_target(EXAMPLES / name, overrides, target)
+    return make_plan(cfg, target, world_size=world)
+
+
+def test_a_sequence_longer_than_the_budget_is_its_own_micro_batch():
+    """Issue 28: 30000-token responses with an 8192-token budget. The trainer gives such a sequence a
+    micro batch of its own, so the update holds 1024 + 30000 tokens, not 8192."""
+    short = _plan("qwen2.5-32b.yaml", [], 32).trainer
+    long = _plan("qwen2.5-32b.yaml", ["rollout.max_new_tokens=30000"], 32).trainer
+    assert short.tokens_per_micro_batch == 8192 and long.tokens_per_micro_batch == 31024
+    assert long.activations > 3.5 * short.activations
+    # at CP=2 a GPU holds half of it; the budget is per GPU, so a shorter sequence leaves it at 8192
+    assert (
+        _plan(
+            "qwen2.5-32b.yaml", ["rollout.max_new_tokens=30000", "parallel.cp=2"], 32
+        ).trainer.tokens_per_micro_batch
+        == 15512
+    )
+    assert _plan("qwen2.5-32b.yaml", ["parallel.cp=2"], 32).trainer.tokens_per_micro_batch == 8192
+
+
+def test_activations_with_recompute_cp_and_sp_by_hand():
+    """The module docstring's formula for the 32B (h=5120, H=40, G=8, d=128, f=27648, 64 layers) on
+    Transformer Engine at TP=8 with SP, one micro batch of T tokens per GPU, bf16."""
+    from scope_mega.plan import LOGIT_BYTES
+
+    h, H, G, d, f, L, V, t = 5120, 40, 8, 128, 27648, 64, 152576, 8
+    none = 4 * h / t + (2 * H + 2 * G) * d / t + 3 * f / t  # per token and layer
+    base = ["rollout.max_new_tokens=31744", "rl.max_tokens_per_micro_batch=16384"]
+    for cp in (1, 2):
+        T = 32768 // cp
+        logits = T * V // t * LOGIT_BYTES
+        cases = {
+            "none": L * none,
+            "selective": L * (none - 3 * f / t - h / t),  # TE: the MLP with its fused norm
+            "full": L * h / t + none,  # uniform, 1 layer: each layer's input, one layer recomputed
+        }
+        for recompute, per_token in cases.items():
+            plan = _plan("qwen2.5-32b.yaml", [*base, f"parallel.cp={cp}", f"model.recompute={recompute}"], 64)
+            assert plan.trainer.activations == int(2 * T * per_token) + logits, (cp, recompute)
+    block = _plan(
+        "qwen2.5-32b.yaml",
+        [*base, "model.recompute=full", "model.recompute_method=block", "model.recompute_num_layers=16"],
+        64,
+    )
+    assert (
+        block.trainer.activations
+        == int(2 * 32768 * (16 * h / t + 48 * none + none)) + 32768 * V // t * LOGIT_BYTES
+    )
+    no_sp = _plan("qwen2.5-32b.yaml", [*base, "parallel.sequence_parallel=false"], 64)
+    assert (
+        no_sp.trainer.activations
+        == int(2 * 32768 * L * (none + 4 * h - 4 * h / t)) + 32768 * V // t * LOGIT_BYTES
+    )
+
+
+def test_the_local_attention_counts_its_s_squared_probabilities():
+    """transformer_impl local (CPU runs) materialises [heads, s, s] probabilities and expands K and V to
+    every query head; selective recompute (core_attn, layernorm, mlp) keeps the attention's inputs."""
+    from scope_mega.plan import ActivationLayout, ModelSize, activation_bytes
+
+    size = ModelSize(
+        hidden=256,
+        layers=4,
+        heads=8,
+        kv_heads=2,
+        head_dim=32,
+        ffn=688,
+        vocab=1000,
+        tied=False,
+        qkv_bias=False,
+        qk_norm=False,
+    )
+    local = ActivationLayout(
+        local_spec=True, dtype_bytes=4, selective_modules=("core_attn", "layernorm", "mlp")
+    )
+    for s in (1024, 4096):
+        per_token = 4 * 256 + 4 * 8 * 32 + 8 * s + 3 * 688
+        assert activation_bytes(size, local, 4, s, s) == 4 * s * 4 * per_token
+    selective = ActivationLayout(**{**local.__dict__, "recompute": "selective"})
+    assert activation_bytes(size, selective, 4, 4096, 4096) == 4 * 4096 * 4 * (2 * 256 + (16 + 4) * 32)
+    cp2 = ActivationLayout(**{**local.__dict__, "cp": 2})  # K, V of the whole sequence gathered
+    assert activation_bytes(size, cp2, 1, 2048, 4096) == 4 * 2048 * (
+        4 * 256 + (2 + 4) * 8 * 32 + 8 * 4096 + 3 * 688
+    )
+
+
+def test_a_refusal_names_the_knobs_that_fit_with_their_figures(capsys):
+    ex = str(EXAMPLES / "qwen2.5-32b.yaml")
+    assert main(["train", ex, "--dry-run", "--world-size", "32", "rollout.max_new_tokens=30000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the update phase needs 126.1 GiB" in err
+    assert "it fits with model.recompute=full -> 75.8 GiB" in err
+    ex = str(EXAMPLES / "qwen2.5-math-7b.yaml")  # only the TP and PP the heads and layers allow
+    assert main(["train", ex, "--dry-run", "--world-size", "8", "parallel.distributed_optimizer=false"]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.tp=4 -> 50.0 GiB; parallel.pp=2 -> 52.4 GiB" in err and "parallel.tp=8" not in err
+
+
+@pytest.mark.parametrize(
+    "name, world, override, knob",
+    [
+        ("qwen2.5-32b-32k.yaml", 64, "model.recompute=none", "model.recompute=selective -> 75.0 GiB"),
+        ("qwen2.5-32b-32k.yaml", 64, "parallel.cp=1", "parallel.cp=2 -> 75.0 GiB"),
+        ("llama-3.3-70b-16k.yaml", 64, "model.recompute=none", "model.recompute=selective -> 51.7 GiB"),
+    ],
+)
+def test_long_examples_fit_only_with_their_recompute_and_cp(name, world, override, knob, capsys):
+    assert main(["train", str(EXAMPLES / name), "--dry-run", "--world-size", str(world), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: plan: the update phase needs") and err.count("\n") == 1, err
+    assert knob in err, err
+
+
+def test_context_parallel_rules(capsys):
+    """CP > 1 is a layout like any other; a2a needs the heads per TP rank divisible by CP (the 32B at
+    TP=8 has 5 query heads and 1 KV head per rank: p2p)."""
+    ex = str(EXAMPLES / "qwen2.5-32b-32k.yaml")
+    assert main(["train", ex, "--dry-run", "--world-size", "64", "parallel.cp_comm_type=a2a"]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.cp_comm_type=a2a needs the query heads per TP rank (40 / tp=8 = 5) divisible by " in err
+    assert "use parallel.cp_comm_type=p2p" in err
+    assert main(["train", ex, "--dry-run", "--world-size", "40"]) == 2
+    assert "world size 40 is not a multiple of tp*pp*cp = 16" in capsys.readouterr().err
+
+
+def test_engines_get_the_longest_prompt_plus_response_as_max_model_len(capsys):
+    from scope_mega.plan import rollout_max_model_len
+
+    cfg, _, _ = load_config_for_target(EXAMPLES / "qwen2.5-32b-32k.yaml")
+    assert rollout_max_model_len(cfg) == 32768
+    plan = make_plan(cfg, "cuda", world_size=64)  # the KV cache counts full sequences of that length
+    assert plan.engine.max_sequences == plan.engine.kv_cache // (2 * 64 * 1 * 128 * 2) // 32768 == 16
+    ex = str(EXAMPLES / "qwen2.5-math-7b.yaml")  # 4096 positions
+    assert main(["train", ex, "--dry-run", "--world-size", "8", "rollout.max_new_tokens=3584"]) == 2
+    err = capsys.readouterr().err
+    assert "1024 + 3584 = 4608 tokens is more than the model's max_position_embeddings=4096" in err
