@@ -27,6 +27,11 @@ is told its KV cache in tokens instead (`kv_cache_tokens`; the trainer passes
 not told, room for one `max_model_len` sequence. `VLLM_CPU_KVCACHE_SPACE`, where set, still wins
 (vLLM applies it after the engine's arguments).
 
+Context length: `max_model_len` bounds a prompt plus its completion (a prompt that reaches it is
+refused by vLLM, a completion is cut there); the trainer passes `plan.rollout_max_model_len`, the
+longest prompt plus response its config allows, so the KV cache is sized for those sequences, not the
+model's `max_position_embeddings` (vLLM's default, used where it is None).
+
 Sleep (CUDA only): `sleep()` releases the KV cache, and at level 1 offloads the weights, at level 2
 drops them; a weight update wakes only the weights, and `wake_up()` the rest, so weights are back
 before the KV cache is allocated. vLLM's CPU build has no sleep mode: there `sleep`/`wake_up` do
