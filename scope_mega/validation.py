@@ -182,6 +182,8 @@ def _check_layout(cfg: RunConfig) -> transformers.PretrainedConfig:
             f"parallel.pp={par.pp} does not divide num_hidden_layers={hf.num_hidden_layers}; "
             f"choose a divisor of {hf.num_hidden_layers}"
         )
+    # recompute's layer grouping against each stage's layers (the spec only picks selective's modules)
+    _arch(arch.recompute_settings, cfg.model, "local", hf.num_hidden_layers // par.pp)
     _check_context_parallel(cfg, heads, kv)
     _arch(arch.rope_scaling, hf)
     _arch(arch.check_sliding_window, hf)
@@ -200,7 +202,7 @@ def _check_layout(cfg: RunConfig) -> transformers.PretrainedConfig:
 def _check_context_parallel(cfg: RunConfig, heads: int, kv_heads: int) -> None:
     """What CP > 1 needs of the heads: Transformer Engine's `a2a` (all-to-all, Ulysses-style) CP
     attention gives each CP rank whole heads, so the query and the KV heads of a TP rank must divide
-    by CP; `p2p` (the ring, the default) and `allgather` split the sequence and take any head count."""
+    by CP; `p2p` (the ring, the default) and `all_gather` split the sequence and take any head count."""
     par = cfg.parallel
     if par.cp == 1 or par.cp_comm_type != "a2a":
         return

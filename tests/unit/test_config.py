@@ -48,6 +48,14 @@ def test_pp_must_divide_layers(capsys):
     assert err == "config error: parallel.pp=3 does not divide num_hidden_layers=4; choose a divisor of 4"
 
 
+def test_full_recompute_groups_must_divide_each_stage(capsys):
+    err = _error(["model.recompute=full", "parallel.pp=2", "model.recompute_num_layers=4"], capsys)
+    assert err == (
+        "config error: model.recompute_num_layers=4 must divide the 2 layers of each pipeline stage with "
+        "model.recompute_method=uniform (or use recompute_method=block)"
+    )
+
+
 def test_rl_lr_decays_downwards(capsys):
     err = _error(["rl.decay_style=cosine", "rl.min_lr=1e-3"], capsys)
     assert err == (
