@@ -77,11 +77,13 @@ Full recompute keeps h / sp per token for each checkpointed chunk (its input): "
 Per GPU: T = micro_batch_size x seq / c (padded), or with a token budget (per GPU, packed whole
 sequences: budget x c per micro batch) T = max(budget, ceil(seq / c)), since a sequence longer than
 the budget is a micro batch of its own. CP divides tokens; SP divides the h-wide terms by t.
-The stage: bytes x T x (L_stage x kept x in-flight micro batches + what one recompute holds).
-The last stage adds the loss's logits buffers, T x padded_vocab / t x LOGIT_BYTES: the fp32 tensors
-the log-softmax and the entropy keep for backward (13 B per element, measured with saved-tensor hooks:
-the log-softmax's exp 4, the entropy's exp and shifted logits 8 and finiteness mask 1) and the fp32
-gradient of the logits (4). FP8 stores some GEMM inputs in 1 byte: with FP8 this is an upper bound.
+The stage: bytes x T x L_stage x kept x in-flight micro batches, plus the larger of what one full
+recompute holds (bytes x T x its layers whole) and, on the last stage, the loss's logits buffers,
+T x padded_vocab / t x LOGIT_BYTES (the loss's backward runs, and frees them, before any layer's):
+the fp32 tensors the log-softmax and the entropy keep for backward (13 B per element, measured with
+saved-tensor hooks: the log-softmax's exp 4, the entropy's exp and shifted logits 8 and finiteness
+mask 1) and the gradients their backward builds (12 B, measured: tools/bench_long_context.py's peak
+minus saved). FP8 stores some GEMM inputs in 1 byte: with FP8 this is an upper bound.
 """
 
 from __future__ import annotations
@@ -196,15 +198,24 @@ class ActivationLayout:
         return self.tp if self.sequence_parallel and self.tp > 1 else 1
 
 
-# fp32 bytes per logits element the loss keeps (log-softmax 4, entropy 9) plus the logits' fp32 gradient
-LOGIT_BYTES = 13 + 4
+# fp32 bytes per logits element on the last stage at the loss's backward: what the log-softmax (4) and
+# the entropy (9) keep, and the gradients the backward builds from them (12; measured on CPU with
+# tools/bench_long_context.py: peak minus saved is 12 B per logits element at every length and recompute)
+LOGIT_BYTES = 13 + 12
 
 
 def activation_bytes(
-    size: ModelSize, lay: ActivationLayout, stage_layers: int, tokens: int, span: int, in_flight: int = 1
+    size: ModelSize,
+    lay: ActivationLayout,
+    stage_layers: int,
+    tokens: int,
+    span: int,
+    in_flight: int = 1,
+    logits: int = 0,
 ) -> int:
     """Bytes a pipeline stage of `stage_layers` layers keeps for `in_flight` micro batches of `tokens`
-    tokens per GPU (module docstring), plus what a full recompute holds while it recomputes."""
+    tokens per GPU (module docstring), plus the larger of what a full recompute holds while it
+    recomputes and the last stage's `logits` buffers (the loss's backward ends before the layers')."""
     whole = size.layer_activations(lay, span)
     layer_input = size.hidden / lay.sp
     recompute_once = 0.0
@@ -218,7 +229,8 @@ def activation_bytes(
         kept, recompute_once = n * layer_input + (stage_layers - n) * whole, whole
     else:
         kept = stage_layers * whole
-    return int(lay.dtype_bytes * tokens * (in_flight * kept + recompute_once))
+    stored = lay.dtype_bytes * tokens * in_flight * kept
+    return int(stored + max(lay.dtype_bytes * tokens * recompute_once, logits))
 
 
 def model_size_of_dir(path: str | None) -> ModelSize | None:
@@ -468,10 +480,9 @@ def make_plan(
     stage_layers = a.layers // par.pp
     span = min(seq, tokens_mb * par.cp)  # the keys a query sees: its sequence, at most the micro batch
     logits = tokens_mb * padded // par.tp * LOGIT_BYTES
-    first = activation_bytes(a, layout, stage_layers, tokens_mb, span, in_flight) + (
-        logits if par.pp == 1 else 0
-    )
-    last = activation_bytes(a, layout, stage_layers, tokens_mb, span) + logits
+    first_logits = logits if par.pp == 1 else 0
+    first = activation_bytes(a, layout, stage_layers, tokens_mb, span, in_flight, first_logits)
+    last = activation_bytes(a, layout, stage_layers, tokens_mb, span, 1, logits)
     trainer = TrainerMemory(
         params_per_gpu=p_gpu,
         weights=p_gpu * pbytes,
