@@ -77,7 +77,8 @@ class PackedDotProductAttention(DotProductAttention):
             global_bounds = packed_seq_params.cu_seqlens_q.tolist()
             local_bounds = [b // self.cp for b in global_bounds]
             query, key, value = query[:, None], key[:, None], value[:, None]
-        keys, values = gather_global(key, local_bounds, group), gather_global(value, local_bounds, group)
+        kv = gather_global(torch.cat([key, value], dim=-1), local_bounds, group)  # one gather for both
+        keys, values = (t.contiguous() for t in kv.split(key.shape[-1], dim=-1))
         attend = super().forward
         parts = []
         for (la, lb), (ga, gb) in zip(
