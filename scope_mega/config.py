@@ -180,6 +180,10 @@ class RLConfig(Checked):
     # number of tokens (rl/balance.py; advantages are computed before, on each sample's own replica); the
     # imbalance (max over mean of the replicas' tokens) is logged before and after. Nothing runs at DP=1
     balance_tokens: bool = True
+    # every this many steps, the gradient norm of each part of the step's batch (the policy's failures
+    # and successes, salvaged prefixes, guide suffixes) at the pre-update weights: 7 extra backward
+    # passes over the batch (rl/parts.py). 0: never
+    grad_parts_interval: int = field(default=0, metadata=ge(0))
     eval_interval: int = field(default=10, metadata=ge(0))  # 0: evaluate only before and after training
     num_eval_problems: int = field(default=100, metadata=ge(1))
     eval_samples: int = field(default=8, metadata=ge(1))  # n samples per eval problem for pass@k / avg@k

@@ -87,6 +87,7 @@ def scope_metrics(stats: ScopeStats, max_position: int = 8) -> dict[str, float]:
         "scope/guide_none": float(stats.guide_none),
         "scope/rejected": float(stats.rejected),
         "scope/salvaged": float(stats.salvaged),
+        "scope/capped": float(stats.capped),
     }
     if stats.candidates:
         out["scope/salvage_rate_candidates"] = stats.salvaged / stats.candidates

@@ -174,6 +174,24 @@ def train_step(
     return metrics
 
 
+def backward_grad_norm(state: TrainState, micro_batches: list[Batch], loss_fn: LossFn) -> float:
+    """The norm of the gradient of the loss over this DP rank's micro-batches (reduced over DP as in
+    `train_step`, normed over the model-parallel ranks by the optimizer), without an optimizer step;
+    the gradient buffers are zeroed before and after."""
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    _run_schedule(
+        state.model, state.vocab_size, micro_batches, loss_fn, forward_only=False, need_entropy=False
+    )
+    state.optimizer.prepare_grads()
+    norm = float(state.optimizer.get_grad_norm())
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    return norm
+
+
 def evaluate_loss(state: TrainState, micro_batches: list[Batch], loss_fn: LossFn) -> dict[str, float]:
     """Forward-only pass with the same loss contract (no gradients, no optimizer step)."""
     with torch.no_grad():

@@ -4,9 +4,11 @@ sync, evaluation and checkpoint.
 `run_train` builds every role once (`rl.roles.setup_rl`: config checks, process groups, policy,
 engines, PRM, reference, logger) and then only calls phases. Each phase is a function of the run:
 - `generate`: steps 1-4 on each replica's driver (sample, verify, SCOPE, advantages,
-  `rl.rollouts`), the engines awake; every rank of the replica receives the driver's samples;
-- `update`: steps 5 and 6, the engines asleep: the optimizer state back on the device, reference
-  logprobs, `rl.ppo_mini_batches` x `rl.ppo_epochs` optimizer steps (`rl.update`);
+  `rl.rollouts`), the engines awake; every rank of the replica receives the driver's samples; the
+  SCOPE guard (`scope.guard`) watches the policy's rollout accuracy and may pause rectification;
+- `update`: steps 5 and 6, the engines asleep: the optimizer state back on the device, every
+  `rl.grad_parts_interval` steps the gradient's parts (`rl.parts`), reference logprobs,
+  `rl.ppo_mini_batches` x `rl.ppo_epochs` optimizer steps (`rl.update`);
 - `sync`: step 7, the optimizer state to the host, the weights to the engines;
 - `log_step`, `evaluate_policy`, then the HF export and `stage.checkpoint_or_stop` (step 8).
 Groups never straddle data-parallel replicas, so GRPO statistics stay local; logged metrics average
@@ -22,10 +24,12 @@ from scope_mega.config import RunConfig
 from scope_mega.metrics import phase_memory, timed, weighted_mean
 from scope_mega.rl.balance import balance_samples
 from scope_mega.rl.batch import Sample, no_loss_sample, rank_micro_batches
+from scope_mega.rl.parts import gradient_parts
 from scope_mega.rl.roles import RLRun, driven, setup_rl, step_guide, sync_policy_weights
 from scope_mega.rl.rollouts import evaluate, rollout_and_rectify, rollout_groups, step_prompts
 from scope_mega.rl.update import update_policy
 from scope_mega.runtime.served import gather_drivers
+from scope_mega.scope.guard import rectification_paused, watch_accuracy
 from scope_mega.stage import checkpoint_or_stop, close_stage
 from scope_mega.train_step import store_logprobs
 from scope_mega.weights.hf_export import export_hf
@@ -66,8 +70,12 @@ def generate(run: RLRun) -> tuple[list[Sample], dict[str, float], dict[str, floa
     guide = step_guide(cfg, run.task, run.guide_engine, seed) if run.scope_on and run.is_driver else None
     groups = partial(rollout_groups, run.policy, run.task, n=cfg.rl.group_size)
     memory: dict[str, float] = {}
-    work = partial(rollout_and_rectify, groups, guide, run.prm, run.task, draw, seed)
+    extra = run.stage.progress.extra
+    rectify = not rectification_paused(extra, step)
+    work = partial(rollout_and_rectify, groups, guide, run.prm, run.task, draw, seed, rectify)
     samples, metrics = driven(run, work, memory)
+    if run.scope_on and "rollout/accuracy" in metrics:
+        metrics.update(watch_accuracy(extra, step, metrics["rollout/accuracy"], cfg.scope))
     return samples, metrics, memory
 
 
@@ -81,10 +89,14 @@ def update(
     micro = rank_micro_batches(samples or [no_loss_sample(pad)], layout, pad)
     with timed(timings, "offload"):
         stage.offload.to_device()
+    interval, parts = run.cfg.rl.grad_parts_interval, {}
+    if interval and stage.progress.step % interval == 0 and samples:
+        with timed(timings, "grad_parts"):
+            parts = gradient_parts(stage.state, samples, layout, pad, run.cfg.loss)
     if run.reference is not None:
         with timed(timings, "ref_logprobs"):
             store_logprobs([run.reference], stage.spec.vocab_size, micro, "ref_logprobs")
-    metrics = update_policy(stage.state, micro, run.cfg, timings) | balance
+    metrics = update_policy(stage.state, micro, run.cfg, timings) | balance | parts
     memory.update(phase_memory("update", stage.device))
     return metrics
 

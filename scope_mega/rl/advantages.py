@@ -44,8 +44,12 @@ class AdvantageConfig(Checked):
             raise ValueError(f"estimator must be one of {get_args(Estimator)}, got {self.estimator!r}")
 
 
-def group_advantages(rewards: Tensor, cfg: AdvantageConfig) -> Tensor:
+def group_advantages(rewards: Tensor, cfg: AdvantageConfig, baseline: Tensor | None = None) -> Tensor:
     """Advantages ``[num_groups, group_size]`` from rewards of the same shape.
+
+    ``baseline`` (bool, the same shape): the members whose mean reward centres their group (SCOPE's
+    ``scope.baseline="on_policy"`` leaves salvaged trajectories out of it); None or a group with none
+    marked: every member. The std (when scaling) is always the whole group's.
 
     The std is the population (biased, ``correction=0``) std of the group. The group is the whole
     population being normalised, not a sample of a larger one, so the biased std makes each
@@ -61,7 +65,14 @@ def group_advantages(rewards: Tensor, cfg: AdvantageConfig) -> Tensor:
     if not rewards.is_floating_point():
         rewards = rewards.float()
     constant = rewards.amax(dim=1, keepdim=True) == rewards.amin(dim=1, keepdim=True)
-    centred = torch.where(constant, 0.0, rewards - rewards.mean(dim=1, keepdim=True))
+    mean = rewards.mean(dim=1, keepdim=True)
+    if baseline is not None:
+        if baseline.shape != rewards.shape:
+            raise ValueError(f"baseline has shape {tuple(baseline.shape)}, rewards {tuple(rewards.shape)}")
+        marked = baseline.float().sum(dim=1, keepdim=True)
+        own = (rewards * baseline).sum(dim=1, keepdim=True) / marked.clamp(min=1)
+        mean = torch.where(marked > 0, own, mean)
+    centred = torch.where(constant, 0.0, rewards - mean)
     if cfg.estimator == "grpo" and cfg.std_scale:
         std = torch.where(constant, 1.0, rewards.std(dim=1, keepdim=True, correction=0))
         return centred / (std + cfg.eps)

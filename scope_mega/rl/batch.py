@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ from scope_mega.models.pipeline import Batch
 from scope_mega.rl.advantages import group_advantages, overlong_reward
 from scope_mega.rl.packing import cu_seqlens, pack_by_token_budget
 from scope_mega.scope.trajectory import Trajectory
+
+SampleKind = Literal["failure", "success", "salvaged"]
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Sample:
     rollout_logprobs: list[float]  # 0.0 on guide tokens (never sampled by the policy's engine)
     guide_logprobs: list[float] | None = None  # an engine guide's logprobs; 0.0 on the policy's tokens
     in_loss: bool = True  # False: masked out (a cut-off response under rl.overlong=mask)
+    kind: SampleKind = "failure"  # the policy's own "failure" or "success", or a "salvaged" trajectory
 
 
 def final_reward(t: Trajectory, cfg: RunConfig) -> float:
@@ -48,11 +52,13 @@ def final_reward(t: Trajectory, cfg: RunConfig) -> float:
 
 
 def to_samples(groups: list[list[Trajectory]], cfg: RunConfig, dense: list | None) -> list[Sample]:
-    """GRPO advantages over the final groups (or PRM-dense ones), one Sample per trajectory."""
+    """GRPO advantages over the final groups (or PRM-dense ones), one Sample per trajectory; with
+    `scope.baseline="on_policy"` each group is centred on its members that are not salvaged."""
     samples = []
     for g, group in enumerate(groups):
         rewards = torch.tensor([[final_reward(t, cfg) for t in group]])
-        adv = group_advantages(rewards, cfg.advantage)[0].tolist()
+        own = torch.tensor([[not t.salvaged for t in group]]) if cfg.scope.baseline == "on_policy" else None
+        adv = group_advantages(rewards, cfg.advantage, own)[0].tolist()
         for i, t in enumerate(group):
             per_token = dense[g][i] if dense is not None else [adv[i]] * len(t.response_ids)
             samples.append(
@@ -66,6 +72,7 @@ def to_samples(groups: list[list[Trajectory]], cfg: RunConfig, dense: list | Non
                     if t.guide_logprobs is None
                     else [lp if o else 0.0 for o, lp in zip(t.off_policy, t.guide_logprobs)],
                     in_loss=not (cfg.rl.overlong == "mask" and t.truncated),
+                    kind="salvaged" if t.salvaged else "success" if t.correct else "failure",
                 )
             )
     return samples

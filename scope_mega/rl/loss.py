@@ -68,6 +68,9 @@ class PolicyLossConfig(Checked):
         the mismatch between the rollout engine's logprobs and the trainer's.
     off_policy: "shaping" -> loss -A * f(p), f(p) = p / (p + shaping_gamma), no clipping (LUFFY);
         "clip" -> PPO surrogate on the ratio p / p_guide, clipped to 1 -/+ off_policy_clip.
+    off_policy_weight: every off-policy (guide) token's loss is multiplied by it (SCOPE's guide
+        suffix down-weighted below 1; 0 trains on the salvaged prefix alone). The token still counts
+        in the normaliser.
     """
 
     clip_low: float = field(default=0.2, metadata=between(0, 1, hi_open=True))
@@ -83,6 +86,7 @@ class PolicyLossConfig(Checked):
     off_policy: OffPolicyMode = "shaping"
     shaping_gamma: float = field(default=0.1, metadata=gt(0))
     off_policy_clip: float = field(default=0.2, metadata=between(0, 1, hi_open=True))
+    off_policy_weight: float = field(default=1.0, metadata=ge(0))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -247,7 +251,7 @@ def policy_loss(
         low, high = _clipped(off_ratio.detach(), adv, off, cfg.off_policy_clip, cfg.off_policy_clip)
         metrics["off_clip_frac"] = ((low | high).sum(), off.sum())
 
-    token_loss = masked(on_loss, on) + masked(off_loss, off)
+    token_loss = masked(on_loss, on) + masked(off_loss * cfg.off_policy_weight, off)
 
     if ref_logprobs is not None:
         # Both inputs are 0 outside the response, where every estimator is then exactly 0.

@@ -10,16 +10,18 @@ drivers exchange theirs (`runtime.served.gather_drivers`), so every driver must 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 
 from scope_mega.config import RunConfig
 from scope_mega.metrics import merge_stats, rollout_metrics, scope_metrics, timed, weighted_mean
 from scope_mega.rl.batch import Sample, final_reward, to_samples
+from scope_mega.rl.parts import batch_mix
 from scope_mega.rollout.engine import SamplingParams
 from scope_mega.runtime.served import gather_drivers
 from scope_mega.scope.dense import prm_dense_advantages
-from scope_mega.scope.rectify import rectify_groups
+from scope_mega.scope.rectify import cap_off_policy, rectify_groups
 from scope_mega.scope.trajectory import Trajectory
 from scope_mega.tasks import Prompt, Task
 
@@ -91,15 +93,25 @@ def carries_signal(group: list[Trajectory], cfg: RunConfig) -> bool:
 
 
 def rollout_and_rectify(
-    sample_groups: GroupSampler, guide, prm, task: Task, draw: Callable[[int], list[Prompt]], seed: int
+    sample_groups: GroupSampler,
+    guide,
+    prm,
+    task: Task,
+    draw: Callable[[int], list[Prompt]],
+    seed: int,
+    rectify: bool = True,
 ) -> tuple[list[Sample], dict[str, float]]:
     """Steps 1-4 on a replica's driver: sample and verify groups of the prompts `draw(0)`
     (`sample_groups`, e.g. `rollout_groups` on the policy's engine), rectify them (SCOPE or the
     configured baseline), compute advantages. With `rl.dynamic_sampling`, groups whose
     final rewards are all equal are dropped, and "refill" samples the prompts `draw(r)` of further rounds
     (up to `rl.max_sampling_rounds`, while any replica has fewer signal-carrying groups than prompts)
-    and keeps the first ones. Metrics cover every replica (collective over drivers) and every round."""
+    and keeps the first ones. `rectify=False` (the SCOPE guard's pause) trains on the groups as sampled.
+    `scope.max_off_policy_share` caps each round's guide tokens (`scope.rectify.cap_off_policy`).
+    Metrics cover every replica (collective over drivers) and every round; `mix/*`
+    (`rl.parts.batch_mix`) describe the groups kept."""
     cfg = task.cfg
+    scope_cfg = cfg.scope if rectify else dataclasses.replace(cfg.scope, enabled=False)
     mode = cfg.rl.dynamic_sampling
     timings: dict[str, float] = {}
     sampled: list[list[Trajectory]] = []
@@ -116,12 +128,14 @@ def rollout_and_rectify(
             final, stats = rectify_groups(
                 groups,
                 infos,
-                cfg.scope,
+                scope_cfg,
                 tokenizer=task.tokenizer,
                 verifier=task.verifier,
                 guide=guide,
                 prm=prm,
             )
+            if scope_cfg.max_off_policy_share < 1:
+                final, stats.capped = cap_off_policy(final, groups, scope_cfg.max_off_policy_share)
             dense = None
             if cfg.scope.active_method == "prm_dense":
                 dense = prm_dense_advantages(
@@ -154,7 +168,9 @@ def rollout_and_rectify(
         metrics["dynamic/kept_groups"] = sum(p[4] for p in parts)
         metrics["dynamic/rounds"] = r + 1
     dense = [d for _, d in kept] if cfg.scope.active_method == "prm_dense" else None
-    return to_samples([g for g, _ in kept], cfg, dense), metrics
+    samples = to_samples([g for g, _ in kept], cfg, dense)
+    mixes = gather_drivers((batch_mix([g for g, _ in kept], samples), len(kept)))
+    return samples, metrics | weighted_mean(mixes)
 
 
 def evaluate(engine, task: Task, prompts: list[Prompt], seed: int) -> dict[str, float]:

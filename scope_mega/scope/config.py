@@ -13,6 +13,8 @@ from scope_mega.ranges import Checked, between, ge
 Method = Literal["scope", "luffy", "prm_dense", "none"]
 GuideKind = Literal["engine", "oracle", "reference"]
 Mode = Literal["replace", "append"]
+Baseline = Literal["group", "on_policy"]
+GuardMode = Literal["off", "log", "pause"]
 
 
 @dataclass
@@ -32,6 +34,19 @@ class ScopeConfig(Checked):
     require_correct: keep a guided trajectory only if the verifier accepts it.
     mode: the salvaged trajectory "replace"s the failed rollout in its group, or is "append"ed to it.
     dense_coef: weight of the PRM return-to-go in `method="prm_dense"` advantages.
+    baseline: the group mean that advantages are centred on: "group" (every final member, GRPO's) or
+        "on_policy" (only the members that are not salvaged, so a salvaged success does not push the
+        policy's own failures below zero; `rl.advantages.group_advantages`). The scale is the whole
+        group's std either way.
+    max_off_policy_share: at most this share of a sampling round's response tokens may be guide
+        tokens; past it, the salvaged trajectories with the largest guide share are undone (the failed
+        rollout is put back, or an appended one removed). 1.0: no cap.
+    guard: watch the policy's own rollout accuracy while rectification is on (`scope.guard`): "off",
+        "log" (the `guard/*` metrics only) or "pause" (also pause rectification for
+        `guard_pause_steps` steps when the accuracy fell by `guard_drop`).
+    guard_window: steps in the moving mean of the rollout accuracy that the guard compares.
+    guard_drop: relative fall of that mean below its best (since the window first filled) that trips it.
+    guard_pause_steps: steps without rectification after a trip ("pause").
     """
 
     enabled: bool = True
@@ -44,6 +59,12 @@ class ScopeConfig(Checked):
     require_correct: bool = True
     mode: Mode = "replace"
     dense_coef: float = field(default=1.0, metadata=ge(0))
+    baseline: Baseline = "group"
+    max_off_policy_share: float = field(default=1.0, metadata=between(0, 1))
+    guard: GuardMode = "log"
+    guard_window: int = field(default=10, metadata=ge(1))
+    guard_drop: float = field(default=0.3, metadata=between(0, 1, lo_open=True, hi_open=True))
+    guard_pause_steps: int = field(default=20, metadata=ge(1))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,6 +72,8 @@ class ScopeConfig(Checked):
             ("method", self.method, get_args(Method)),
             ("guide", self.guide, get_args(GuideKind)),
             ("mode", self.mode, get_args(Mode)),
+            ("baseline", self.baseline, get_args(Baseline)),
+            ("guard", self.guard, get_args(GuardMode)),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

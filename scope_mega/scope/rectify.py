@@ -40,7 +40,8 @@ class ScopeStats:
     threshold; first_errors: k* of every scored failed rollout with an error (0 included);
     candidates: failed rollouts eligible for rectification; selected: those sent to the guide;
     guide_none: the guide could not continue; rejected: guided results dropped as incorrect;
-    salvaged: trajectories put into groups; prefix_fractions: prefix tokens / response tokens of each.
+    salvaged: trajectories put into groups; prefix_fractions: prefix tokens / response tokens of each;
+    capped: salvaged trajectories undone by `scope.max_off_policy_share` (`cap_off_policy`).
     """
 
     failed: int = 0
@@ -52,6 +53,7 @@ class ScopeStats:
     rejected: int = 0
     salvaged: int = 0
     prefix_fractions: list[float] = field(default_factory=list)
+    capped: int = 0
 
 
 def select_candidates(
@@ -218,3 +220,32 @@ def rectify_groups(
         else:
             out[job.group].append(salvaged)
     return out, stats
+
+
+def cap_off_policy(
+    final: Sequence[Sequence[Trajectory]], sampled: Sequence[Sequence[Trajectory]], cap: float
+) -> tuple[list[list[Trajectory]], int]:
+    """Undo salvaged trajectories until guide tokens are at most `cap` of the response tokens of
+    `final` (`scope.max_off_policy_share`): the one with the largest guide share first (ties to the
+    earlier group and member). Undoing puts the sampled rollout back at its place in the group
+    (`sampled[g][i]`, mode "replace") or removes the appended member (past the sampled group's end).
+    Returns the groups and how many were undone."""
+    out: list[list[Trajectory | None]] = [list(group) for group in final]
+    kept = [t for group in final for t in group]
+    off, total = sum(sum(t.off_policy) for t in kept), sum(len(t.response_ids) for t in kept)
+
+    def share(t: Trajectory) -> float:
+        return sum(t.off_policy) / len(t.response_ids)
+
+    salvaged = [(g, i) for g, group in enumerate(final) for i, t in enumerate(group) if t.salvaged]
+    undone = 0
+    for g, i in sorted(salvaged, key=lambda gi: (-share(final[gi[0]][gi[1]]), gi)):
+        if off <= cap * total:
+            break
+        t = final[g][i]
+        back = sampled[g][i] if i < len(sampled[g]) else None  # None: an appended member, removed
+        out[g][i] = back
+        off -= sum(t.off_policy)
+        total += (len(back.response_ids) if back is not None else 0) - len(t.response_ids)
+        undone += 1
+    return [[t for t in group if t is not None] for group in out], undone
