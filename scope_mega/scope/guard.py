@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from scope_mega.logging import is_rank0
 from scope_mega.scope.config import ScopeConfig
 
 KEY = "scope_guard"
@@ -43,8 +44,19 @@ def watch_accuracy(extra: dict[str, Any], step: int, accuracy: float, cfg: Scope
     best = mean if state["best"] is None else max(state["best"], mean)
     tripped = best > 0 and mean < (1 - cfg.guard_drop) * best and not out["guard/paused"]
     state["best"] = best
+    if tripped and not state.get("below") and is_rank0():
+        action = (
+            f"pausing rectification for {cfg.guard_pause_steps} steps" if cfg.guard == "pause" else "logged"
+        )
+        print(
+            f"[scope guard] step {step + 1}: the policy's own rollout accuracy ({mean:.4f}, mean of "
+            f"{cfg.guard_window} steps) fell below {1 - cfg.guard_drop:.2f} x its best ({best:.4f}): "
+            f"{action} (scope.guard={cfg.guard}; see docs/results.md, 'SCOPE on a weak policy')",
+            flush=True,
+        )
+    state["below"] = bool(tripped)
     if tripped and cfg.guard == "pause":
-        state.update(paused_until=step + 1 + cfg.guard_pause_steps, best=None, recent=[])
+        state.update(paused_until=step + 1 + cfg.guard_pause_steps, best=None, recent=[], below=False)
     return out | {
         "guard/acc_mean": mean,
         "guard/acc_best": best,

@@ -111,7 +111,7 @@ def test_batch_mix_by_hand():
     assert only_parts(samples[1], ("prefix", "guide")).advantages == [0.0, 0.0]
 
 
-def test_guard_trips_pauses_and_resumes():
+def test_guard_trips_pauses_and_resumes(capsys):
     cfg = ScopeConfig(guard="pause", guard_window=2, guard_drop=0.5, guard_pause_steps=3)
     extra: dict = {}
     seen = []
@@ -130,4 +130,7 @@ def test_guard_trips_pauses_and_resumes():
         watch_accuracy(extra, s, a, log).get("guard/tripped") for s, a in enumerate([0.4, 0.4, 0.1, 0.1])
     ]
     assert tripped == [None, 0.0, 0.0, 1.0] and not rectification_paused(extra, 4)
+    watch_accuracy(extra, 4, 0.1, log)  # still below: reported once, when the fall starts
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[scope guard]")]
+    assert len(lines) == 2 and "pausing rectification for 3 steps" in lines[0] and "logged" in lines[1]
     assert watch_accuracy({}, 0, 0.5, ScopeConfig(guard="off")) == {}
