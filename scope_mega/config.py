@@ -202,6 +202,12 @@ class RLConfig(Checked):
     # Megatron forward before the first (ratio exactly 1 there), and clipping acts from the second on
     ppo_mini_batches: int = field(default=1, metadata=ge(1))
     ppo_epochs: int = field(default=1, metadata=ge(1))
+    # the PPO ratio's old policy: "recompute" (that forward, above) or "rollout": the engine's own
+    # per-token logprobs, for every update, with no forward. Safe only where engine and trainer agree
+    # on the logprobs (same weights, dtype and kernels): the first update's `update_1/abs_log_ratio`
+    # (or `abs_log_ratio` with one update) is the mean |trainer - engine| logprob over the policy's
+    # tokens, and PPO clips a token whose mismatch passes the clip bounds. Guide tokens never read it
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"
     # DAPO's dynamic sampling: "filter" drops the groups whose final rewards (after SCOPE and the overlong
     # penalty) are all equal -- every advantage in them is zero; "refill" also samples further prompts,
     # up to max_sampling_rounds rounds in all, until rl.prompts_per_step groups carry a signal

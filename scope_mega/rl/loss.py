@@ -174,12 +174,13 @@ def policy_loss(
 
     metrics: name -> (sum, count), detached float 0-dim tensors, so micro-batches and ranks
     aggregate by summing both before dividing. Keys always present: clip_frac_low, clip_frac_high,
-    ratio, log_ratio_clamp_frac (on-policy tokens), dual_clip_frac (dual_clip set: on-policy
-    tokens with A < 0 and ratio > dual_clip), off_policy_frac (over response tokens),
-    off_policy_prob (mean p over guide tokens); with their inputs: kl (as clamped) and kl_clamp_frac
-    (tokens where a k3 clamp acted: its value above kl_clamp or its log-ratio), entropy, rollout_mismatch
-    (mean |old - rollout|, unclamped), tis_trunc_frac and tis_log_ratio_clamp_frac (tis_cap set),
-    off_clip_frac and off_log_ratio_clamp_frac (off_policy == "clip"). A *_log_ratio_clamp_frac
+    ratio, abs_log_ratio (mean |logprobs - old|, unclamped), log_ratio_clamp_frac (on-policy
+    tokens), dual_clip_frac (dual_clip set: on-policy tokens with A < 0 and ratio > dual_clip),
+    off_policy_frac (over response tokens), off_policy_prob (mean p over guide tokens); with their
+    inputs: kl (as clamped) and kl_clamp_frac (tokens where a k3 clamp acted: its value above
+    kl_clamp or its log-ratio), entropy, rollout_mismatch (mean |old - rollout|, unclamped),
+    tis_trunc_frac and tis_log_ratio_clamp_frac (tis_cap set), off_clip_frac and
+    off_log_ratio_clamp_frac (off_policy == "clip"). A *_log_ratio_clamp_frac
     counts the tokens whose log-ratio lay beyond +-LOG_RATIO_CLAMP.
     """
     shape = logprobs.shape
@@ -272,6 +273,7 @@ def policy_loss(
     metrics["clip_frac_low"] = (low.sum(), on.sum())
     metrics["clip_frac_high"] = (high.sum(), on.sum())
     metrics["ratio"] = (masked(ratio.detach(), on).sum(), on.sum())
+    metrics["abs_log_ratio"] = (masked((logprobs - old).detach(), on).abs().sum(), on.sum())
     metrics["off_policy_frac"] = (off.sum(), resp.sum())
     metrics["off_policy_prob"] = (masked(p_off.detach(), off).sum(), off.sum())
 

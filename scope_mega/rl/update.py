@@ -3,7 +3,8 @@ micro-batches, one optimizer step each, through the one policy loss.
 
 `rl_loss` adapts `rl.loss.policy_loss` to a micro-batch of `rl.batch.to_micro_batches`. The old-policy
 logprobs are the batch's `old_logprobs` (one forward of the pre-update weights, stored before the first
-of several updates), else the current ones (a single update: ratio exactly 1). Token counts are
+of several updates, or the rollout engine's with `rl.old_logprobs="rollout"`), else the current ones (a
+single update: ratio exactly 1). Token counts are
 summed over every data-parallel replica in float64 (exact past 2^24), so a replica whose dynamic
 sampling dropped every group still joins each optimizer step with a micro-batch outside the loss.
 """
@@ -45,7 +46,15 @@ def rl_loss(cfg: PolicyLossConfig, logprobs: torch.Tensor, batch: Batch, entropy
     )
 
 
-PER_UPDATE = ("ratio", "clip_frac_low", "clip_frac_high", "kl", "loss", "lr")  # logged for each update
+PER_UPDATE = (
+    "ratio",
+    "abs_log_ratio",
+    "clip_frac_low",
+    "clip_frac_high",
+    "kl",
+    "loss",
+    "lr",
+)  # logged for each update
 
 
 def update_policy(
@@ -54,12 +63,15 @@ def update_policy(
     """Steps 5 and 6: `rl.ppo_epochs` passes over `rl.ppo_mini_batches` mini-batches (consecutive
     micro-batches, as even as they split), one optimizer step each. With several steps the old-policy
     logprobs come from one forward of the pre-update weights first; a single step uses the current
-    ones. Metrics: the mean over the updates, and each update's ratio, clip fractions and KL as
-    `update_<i>/<name>`."""
+    ones; with `rl.old_logprobs="rollout"` every step uses the engine's. Metrics: the mean over the
+    updates, and each update's ratio, |log-ratio|, clip fractions and KL as `update_<i>/<name>`."""
     from megatron.core import parallel_state
 
     n, epochs = cfg.rl.ppo_mini_batches, cfg.rl.ppo_epochs
-    if n * epochs > 1:
+    if cfg.rl.old_logprobs == "rollout":  # the engine's logprobs: no forward (0 on guide tokens, unread)
+        for mb in micro:
+            mb["old_logprobs"] = mb["rollout_logprobs"]
+    elif n * epochs > 1:
         with timed(timings, "old_logprobs"):
             store_logprobs(state.model, state.vocab_size, micro, "old_logprobs")
     bounds = [len(micro) * i // n for i in range(n + 1)]

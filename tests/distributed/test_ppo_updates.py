@@ -5,6 +5,7 @@ once-updated weights gives, and its clipped tokens, at asymmetric bounds (0.2 lo
 ones counted by hand."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,35 @@ def test_two_mini_batches_by_hand(tmp_path):
     assert m["update_2/clip_frac_high"] * n == pytest.approx(r["high"], abs=1e-6)
     assert r["outside"] > r["low"] + r["high"]  # tokens outside the bounds whose gradient is kept
     assert m["ratio"] == pytest.approx((1.0 + m["update_2/ratio"]) / 2)  # the mean over the updates
+
+
+def _rollout_worker(out: str):
+    from scope_mega.config import RunConfig, from_dict
+    from scope_mega.rl.update import update_policy
+    from scope_mega.runtime.distributed import destroy_distributed, init_distributed
+    from scope_mega.train_step import store_logprobs
+
+    dev = init_distributed(device="cpu", seed=3)
+    cfg = from_dict(RunConfig, {"rl": {"ppo_mini_batches": 2, "old_logprobs": "rollout"}})
+    state = build_state(dev, lr=0.05, clip_grad=0.0)
+    micro = _micro_batches()
+    # the engine's logprobs: the pre-update weights' own, 0.05 higher on every response token
+    store_logprobs(state.model, state.vocab_size, micro, "pre")
+    for mb in micro:
+        mb["rollout_logprobs"] = torch.where(mb["on_mask"] > 0, mb.pop("pre") + 0.05, 0.0)
+    timings: dict[str, float] = {}
+    metrics = update_policy(state, micro, cfg, timings)
+    Path(out).write_text(json.dumps({"metrics": metrics, "timings": sorted(timings)}))
+    destroy_distributed()
+
+
+def test_rollout_logprobs_as_old_skip_the_forward(tmp_path):
+    out = tmp_path / "report.json"
+    spawn_local(_rollout_worker, 1, str(out))
+    r = json.loads(out.read_text())
+    m = r["metrics"]
+    assert r["timings"] == ["timing_s/update"]  # no old-logprob forward
+    # the first update's ratio is the trainer's over the engine's logprob: exp(-0.05) on every token
+    assert m["update_1/ratio"] == pytest.approx(math.exp(-0.05), rel=1e-5)
+    assert m["update_1/abs_log_ratio"] == pytest.approx(0.05, rel=1e-4)
+    assert m["update_2/abs_log_ratio"] != pytest.approx(0.05, rel=1e-4)  # the weights moved
