@@ -53,12 +53,19 @@ def final_reward(t: Trajectory, cfg: RunConfig) -> float:
 
 def to_samples(groups: list[list[Trajectory]], cfg: RunConfig, dense: list | None) -> list[Sample]:
     """GRPO advantages over the final groups (or PRM-dense ones), one Sample per trajectory; with
-    `scope.baseline="on_policy"` each group is centred on its members that are not salvaged."""
+    `scope.baseline="on_policy"` each group is centred on its members that are not salvaged; with
+    `scope.salvaged_only_failures="drop"` the policy's failures leave the loss in a group whose only
+    successes are salvaged."""
     samples = []
     for g, group in enumerate(groups):
         rewards = torch.tensor([[final_reward(t, cfg) for t in group]])
         own = torch.tensor([[not t.salvaged for t in group]]) if cfg.scope.baseline == "on_policy" else None
         adv = group_advantages(rewards, cfg.advantage, own)[0].tolist()
+        drop_failures = (
+            cfg.scope.salvaged_only_failures == "drop"
+            and any(t.correct and t.salvaged for t in group)
+            and not any(t.correct and not t.salvaged for t in group)
+        )
         for i, t in enumerate(group):
             per_token = dense[g][i] if dense is not None else [adv[i]] * len(t.response_ids)
             samples.append(
@@ -71,7 +78,8 @@ def to_samples(groups: list[list[Trajectory]], cfg: RunConfig, dense: list | Non
                     guide_logprobs=None
                     if t.guide_logprobs is None
                     else [lp if o else 0.0 for o, lp in zip(t.off_policy, t.guide_logprobs)],
-                    in_loss=not (cfg.rl.overlong == "mask" and t.truncated),
+                    in_loss=not (cfg.rl.overlong == "mask" and t.truncated)
+                    and not (drop_failures and not t.correct),
                     kind="salvaged" if t.salvaged else "success" if t.correct else "failure",
                 )
             )

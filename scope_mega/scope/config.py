@@ -14,6 +14,7 @@ Method = Literal["scope", "luffy", "prm_dense", "none"]
 GuideKind = Literal["engine", "oracle", "reference"]
 Mode = Literal["replace", "append"]
 Baseline = Literal["group", "on_policy"]
+Unanchored = Literal["train", "drop"]
 GuardMode = Literal["off", "log", "pause"]
 
 
@@ -38,6 +39,10 @@ class ScopeConfig(Checked):
         "on_policy" (only the members that are not salvaged, so a salvaged success does not push the
         policy's own failures below zero; `rl.advantages.group_advantages`). The scale is the whole
         group's std either way.
+    salvaged_only_failures: the policy's failures in a group whose only successes are salvaged:
+        "train" them (pushed down by the salvaged success's advantage) or "drop" them from the loss
+        and its token count, so such a group trains on its salvaged trajectories alone and does not
+        dilute the groups where the policy succeeded on its own.
     max_off_policy_share: at most this share of a sampling round's response tokens may be guide
         tokens; past it, the salvaged trajectories with the largest guide share are undone (the failed
         rollout is put back, or an appended one removed). 1.0: no cap.
@@ -60,6 +65,7 @@ class ScopeConfig(Checked):
     mode: Mode = "replace"
     dense_coef: float = field(default=1.0, metadata=ge(0))
     baseline: Baseline = "group"
+    salvaged_only_failures: Unanchored = "train"
     max_off_policy_share: float = field(default=1.0, metadata=between(0, 1))
     guard: GuardMode = "log"
     guard_window: int = field(default=10, metadata=ge(1))
@@ -73,6 +79,7 @@ class ScopeConfig(Checked):
             ("guide", self.guide, get_args(GuideKind)),
             ("mode", self.mode, get_args(Mode)),
             ("baseline", self.baseline, get_args(Baseline)),
+            ("salvaged_only_failures", self.salvaged_only_failures, get_args(Unanchored)),
             ("guard", self.guard, get_args(GuardMode)),
         ):
             if value not in allowed:

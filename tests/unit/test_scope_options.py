@@ -134,3 +134,15 @@ def test_guard_trips_pauses_and_resumes(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[scope guard]")]
     assert len(lines) == 2 and "pausing rectification for 3 steps" in lines[0] and "logged" in lines[1]
     assert watch_accuracy({}, 0, 0.5, ScopeConfig(guard="off")) == {}
+
+
+def test_salvaged_only_failures_can_leave_the_loss():
+    salvaged_only = [_traj(4, True, guide=2), _traj(4, False), _traj(4, False)]
+    anchored = [_traj(4, True, guide=2), _traj(4, False), _traj(4, True)]
+    for mode, kept in (("train", [True] * 3), ("drop", [True, False, False])):
+        cfg = from_dict(RunConfig, {"scope": {"salvaged_only_failures": mode}})
+        samples = to_samples([salvaged_only, anchored], cfg, None)
+        assert [s.in_loss for s in samples[:3]] == kept
+        assert [s.in_loss for s in samples[3:]] == [True] * 3  # an own success anchors the group
+        # advantages are the group's either way: dropping changes what trains, not the baseline
+        assert samples[1].advantages == to_samples([salvaged_only], RunConfig(), None)[1].advantages
