@@ -35,10 +35,10 @@ class ScopeConfig(Checked):
     require_correct: keep a guided trajectory only if the verifier accepts it.
     mode: the salvaged trajectory "replace"s the failed rollout in its group, or is "append"ed to it.
     dense_coef: weight of the PRM return-to-go in `method="prm_dense"` advantages.
-    baseline: the group mean that advantages are centred on: "group" (every final member, GRPO's) or
-        "on_policy" (only the members that are not salvaged, so a salvaged success does not push the
-        policy's own failures below zero; `rl.advantages.group_advantages`). The scale is the whole
-        group's std either way.
+    baseline: the group mean that advantages are centred on: "on_policy" (the default: only the
+        members that are not salvaged, so a salvaged success does not push the policy's own failures
+        below zero; `rl.advantages.group_advantages`) or "group" (every final member, GRPO's, the
+        default before issue 29). The scale is the whole group's std either way.
     salvaged_only_failures: the policy's failures in a group whose only successes are salvaged:
         "train" them (pushed down by the salvaged success's advantage) or "drop" them from the loss
         and its token count, so such a group trains on its salvaged trajectories alone and does not
@@ -64,7 +64,7 @@ class ScopeConfig(Checked):
     require_correct: bool = True
     mode: Mode = "replace"
     dense_coef: float = field(default=1.0, metadata=ge(0))
-    baseline: Baseline = "group"
+    baseline: Baseline = "on_policy"  # docs/results.md, "SCOPE on a weak policy"
     salvaged_only_failures: Unanchored = "train"
     max_off_policy_share: float = field(default=1.0, metadata=between(0, 1))
     guard: GuardMode = "log"
