@@ -103,7 +103,10 @@ def test_trainer_refuses_what_it_cannot_run(capsys, tmp_path):
     for overrides, fragment in [
         (["loss.kl_coef=0.1"], "loss.kl_coef > 0 needs the starting weights"),
         (["loss.off_policy=clip"], "loss.off_policy=clip needs the guide's logprobs"),
-        (["rl.old_logprobs=rollout", "loss.tis_cap=2"], "rl.old_logprobs=rollout makes loss.tis_cap's weight"),
+        (
+            ["rl.old_logprobs=rollout", "loss.tis_cap=2"],
+            "rl.old_logprobs=rollout makes loss.tis_cap's weight",
+        ),
         (["scope.guide=engine"], "scope.guide=engine needs guide.guide_model"),
         (["data.task=math"], "scope.guide=oracle is Countdown's"),
         (["rollout.engine=vllm", "rollout.vllm_fp8_weights=true"], "rollout.vllm_fp8_weights needs CUDA"),
