@@ -1,6 +1,6 @@
 """What SCOPE's updates are made of, per arm of a sweep (issue 29): tables and one figure.
 
-    python tools/scope_mechanism.py SWEEP_OUT [--plot PNG] [--window 10]
+    python tools/scope_mechanism.py SWEEP_OUT [--plot PNG] [--window 10] [--arms grpo,scope]
 
 Reads every run of a `tools/sweep.py` output (`SWEEP_OUT/runs/ARM-sSEED/metrics.jsonl`) and prints,
 per arm, mean ± std over seeds of each run's mean over its RL steps of:
@@ -10,7 +10,7 @@ per arm, mean ± std over seeds of each run's mean over its RL steps of:
 - each part's gradient norm at the pre-update weights and the failure/salvaged cosine (`grad/*`,
   logged every `rl.grad_parts_interval` steps), and the steps the guard tripped.
 `--plot` draws the rollout accuracy (moving mean over `window` steps, mean over seeds) per arm, and
-the gradient norms per part and the advantage mass per part of each arm.
+the gradient norms per part and the advantage mass per part of each arm. `--arms` keeps those arms.
 """
 
 from __future__ import annotations
@@ -132,8 +132,11 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--arms", help="comma-separated arms to keep (default: all)")
     args = parser.parse_args()
     arms = _runs(args.out)
+    if args.arms:
+        arms = {a: arms[a] for a in args.arms.split(",")}
     w = args.window
     print(
         "\n".join(
