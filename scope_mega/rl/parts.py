@@ -48,7 +48,8 @@ def batch_mix(groups: Sequence[Sequence[Trajectory]], samples: Sequence[Sample])
     """`mix/*` metrics of a step's final groups and their samples: per part, `tokens/<part>` and
     `adv_mass/<part>` (sum of its loss tokens' advantages / all loss tokens); per group kind, the
     count of groups whose successes are the policy's own only (`groups/own`), salvaged only
-    (`groups/salvaged_only`) or both (`groups/both`)."""
+    (`groups/salvaged_only`) or both (`groups/both`). The trainer logs one replica's figures, averaged
+    over the data-parallel replicas (weighted by their groups)."""
     tokens = dict.fromkeys(PARTS, 0)
     mass = dict.fromkeys(PARTS, 0.0)
     for s in samples:

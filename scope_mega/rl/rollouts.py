@@ -160,17 +160,18 @@ def rollout_and_rectify(
     if n:
         metrics["reward"] = sum(t.reward for g in sampled for t in g) / n
         metrics["rollout/truncated_frac"] = sum(t.truncated for g in sampled for t in g) / n
-    parts = gather_drivers((metrics, len(sampled), merge_stats(all_stats), with_signal, len(kept)))
+    dense = [d for _, d in kept] if cfg.scope.active_method == "prm_dense" else None
+    samples = to_samples([g for g, _ in kept], cfg, dense)
+    mix = batch_mix([g for g, _ in kept], samples)
+    parts = gather_drivers((metrics, len(sampled), merge_stats(all_stats), with_signal, len(kept), mix))
     metrics = weighted_mean([(m, n) for m, n, *_ in parts])
     metrics.update(scope_metrics(merge_stats([st for _, _, st, *_ in parts])))
+    metrics.update(weighted_mean([(p[5], p[4]) for p in parts]))  # per replica, weighted by its groups
     if mode != "off":  # groups with a signal among those sampled, those trained on, sampling rounds
         metrics["dynamic/kept_frac"] = sum(p[3] for p in parts) / max(1, sum(p[1] for p in parts))
         metrics["dynamic/kept_groups"] = sum(p[4] for p in parts)
         metrics["dynamic/rounds"] = r + 1
-    dense = [d for _, d in kept] if cfg.scope.active_method == "prm_dense" else None
-    samples = to_samples([g for g, _ in kept], cfg, dense)
-    mixes = gather_drivers((batch_mix([g for g, _ in kept], samples), len(kept)))
-    return samples, metrics | weighted_mean(mixes)
+    return samples, metrics
 
 
 def evaluate(engine, task: Task, prompts: list[Prompt], seed: int) -> dict[str, float]:
