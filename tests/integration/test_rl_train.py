@@ -90,6 +90,9 @@ def test_ppo_mini_batches_in_the_trainer(tmp_path):
         assert step["update_1/ratio"] == 1.0 and step["rollout_mismatch"] < 1e-4
         assert all(step[f"update_{i}/ratio"] != 1.0 for i in (2, 3, 4)) and "update_5/ratio" not in step
         assert step["timing_s/old_logprobs"] > 0
+        # the batch mix (rl/parts.py): no reward, so every trained token is a failure's, at advantage 0
+        assert step["mix/tokens/failure"] > 0 and step["mix/adv_mass/failure"] == 0.0
+        assert all(step[f"mix/tokens/{p}"] == 0 for p in ("success", "prefix", "guide"))
         lrs = [step[f"update_{i}/lr"] for i in (1, 2, 3, 4)]
         assert lrs == pytest.approx([1e-4] * 4 if name == "fixed" else [1e-4, 8e-5, 6e-5, 4e-5], rel=1e-9)
 
