@@ -208,6 +208,17 @@ class RLConfig(Checked):
     # (or `abs_log_ratio` with one update) is the mean |trainer - engine| logprob over the policy's
     # tokens, and PPO clips a token whose mismatch passes the clip bounds. Guide tokens never read it
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
+    # partial rollouts (rl/partial.py): a token's policy version may trail the trained one by at most this
+    # many steps. 0: the synchronous loop (every response generated to its end by the current weights).
+    # k > 0: each step keeps rl.extra_prompts groups more in flight than it trains on, generates in
+    # segments of rl.partial_segment tokens, stops once its groups are finished, and carries the
+    # unfinished responses over; decoupled PPO (loss.tis_cap, the cap of the behaviour weight) corrects
+    max_staleness: int = field(default=0, metadata=ge(0))
+    extra_prompts: int = field(default=4, metadata=ge(0))  # over all replicas; a multiple of dp
+    partial_segment: int = field(default=32, metadata=ge(1))
+    # a group with a token older than max_staleness steps: "regenerate" (its prompt starts again: every
+    # prompt of the stream is still trained once) or "drop" (its prompt is given up); both counted
+    stale_groups: Literal["regenerate", "drop"] = "regenerate"
     # DAPO's dynamic sampling: "filter" drops the groups whose final rewards (after SCOPE and the overlong
     # penalty) are all equal -- every advantage in them is zero; "refill" also samples further prompts,
     # up to max_sampling_rounds rounds in all, until rl.prompts_per_step groups carry a signal

@@ -96,7 +96,8 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({f"{self.stage}/{k}": v for k, v in metrics.items()}, step=step)
+            numbers = {f"{self.stage}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.wandb_run.log(numbers, step=step)  # lists (e.g. async/trained_positions): the jsonl only
         self.bar.update(step - self.bar.n)
         shown = {k: f"{metrics[k]:.4g}" for k in self.bar_keys if isinstance(metrics.get(k), (int, float))}
         self.bar.set_postfix(shown, refresh=False)

@@ -264,14 +264,16 @@ def vllm_cpu_kv_tokens(sequences: int, seq_tokens: int, max_model_len: int) -> i
 def vllm_kv_cache_tokens(cfg: RunConfig, replicas: int) -> int:
     """The KV cache, in tokens, of one replica of a vLLM engine on CPU (module docstring): one RL
     step's rollouts at once -- its share of `rl.prompts_per_step` (prompts are dealt round-robin to
-    the `replicas`) times `rl.group_size` samples, each as long as a prompt and `rollout.max_new_tokens`
-    can be (`data.max_prompt_tokens` for the math task; the model's `max_position_embeddings` bounds
-    both, and is the whole bound for Countdown, whose prompts the config does not bound)."""
+    the `replicas`, with partial rollouts `rl.extra_prompts` more in flight) times `rl.group_size`
+    samples, each as long as a prompt and `rollout.max_new_tokens` can be (`data.max_prompt_tokens`
+    for the math task; the model's `max_position_embeddings` bounds both, and is the whole bound for
+    Countdown, whose prompts the config does not bound)."""
     from scope_mega.models.arch import load_hf_config
 
     positions = load_hf_config(cfg.model.hf_config).max_position_embeddings
     longest = min(positions, rollout_max_model_len(cfg) or positions)  # the engine's max_model_len
-    prompts = -(-cfg.rl.prompts_per_step // replicas)
+    in_flight = cfg.rl.prompts_per_step + (cfg.rl.extra_prompts if cfg.rl.max_staleness else 0)
+    prompts = -(-in_flight // replicas)
     return vllm_cpu_kv_tokens(prompts * cfg.rl.group_size, longest, longest)
 
 

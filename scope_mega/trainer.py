@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from typing import Any
 
 from scope_mega.config import RunConfig
 from scope_mega.metrics import phase_memory, timed, weighted_mean
 from scope_mega.rl.balance import balance_samples
 from scope_mega.rl.batch import Sample, no_loss_sample, rank_micro_batches
+from scope_mega.rl.partial import merge_partial_metrics, partial_rollouts
 from scope_mega.rl.parts import gradient_parts
 from scope_mega.rl.roles import RLRun, driven, setup_rl, step_guide, sync_policy_weights
 from scope_mega.rl.rollouts import evaluate, rollout_and_rectify, rollout_groups, step_prompts
@@ -43,8 +45,9 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         evaluate_policy(run)
     while stage.progress.step < cfg.rl.steps:
         start = time.perf_counter()
-        samples, metrics, memory = generate(run)
         timings: dict[str, float] = {}
+        with timed(timings, "generate"):
+            samples, metrics, memory = generate(run)
         metrics.update(update(run, samples, memory, timings))
         metrics.update(sync(run, timings))
         log_step(run, samples, {**metrics, **memory, **timings}, start)
@@ -72,11 +75,33 @@ def generate(run: RLRun) -> tuple[list[Sample], dict[str, float], dict[str, floa
     memory: dict[str, float] = {}
     extra = run.stage.progress.extra
     rectify = not rectification_paused(extra, step)
-    work = partial(rollout_and_rectify, groups, guide, run.prm, run.task, draw, seed, rectify)
+    if cfg.rl.max_staleness:
+        work = partial(partial_step, run, guide, seed, rectify)
+    else:
+        work = partial(rollout_and_rectify, groups, guide, run.prm, run.task, draw, seed, rectify)
     samples, metrics = driven(run, work, memory)
     if run.scope_on and "rollout/accuracy" in metrics:
         metrics.update(watch_accuracy(extra, step, metrics["rollout/accuracy"], cfg.scope))
     return samples, metrics, memory
+
+
+def partial_step(run: RLRun, guide, seed: int, rectify: bool) -> tuple[list[Sample], dict[str, Any]]:
+    """Steps 1-4 with partial rollouts (`rl.partial`), on a driver: the buffer's finished groups of the
+    step, rectified and with advantages as synchronous ones; every replica's buffer into the
+    checkpoint's `extra["rollouts"]`."""
+    cfg, progress = run.cfg, run.stage.progress
+    need = cfg.rl.prompts_per_step // run.dp
+    prompts, groups, stats = partial_rollouts(run.policy, run.task, run.buffer, need, progress.step, run.dp)
+
+    def finished(_prompts, seed: int, timings: dict[str, float]) -> list:
+        timings.update({k: stats.pop(k) for k in list(stats) if k.startswith("timing_s/")})
+        return groups
+
+    draw = lambda _: prompts  # noqa: E731
+    samples, metrics = rollout_and_rectify(finished, guide, run.prm, run.task, draw, seed, rectify)
+    replicas = gather_drivers((stats, run.buffer.state()))
+    progress.extra["rollouts"] = [state for _, state in replicas]
+    return samples, metrics | merge_partial_metrics([s for s, _ in replicas])
 
 
 def update(
@@ -120,6 +145,7 @@ def log_step(run: RLRun, samples: list[Sample], metrics: dict[str, float], start
     progress.step += 1
     progress.data_position = progress.step * run.cfg.rl.prompts_per_step
     metrics["timing_s/step"] = time.perf_counter() - start
+    metrics["rollout/trainer_wait_frac"] = metrics["timing_s/generate"] / metrics["timing_s/step"]
     metrics["tokens_per_s"] = sum(len(s.response_ids) for s in samples) * run.dp / metrics["timing_s/step"]
     run.stage.logger.log(progress.step, metrics)
 

@@ -388,6 +388,7 @@ def _check_trainer(cfg: RunConfig, world_size: int | None, target: str | None) -
             "rl.old_logprobs=rollout makes loss.tis_cap's weight, exp(old - rollout logprobs), exactly 1: "
             "unset loss.tis_cap, or use rl.old_logprobs=recompute"
         )
+    _check_partial_rollouts(cfg)
     if cfg.loss.kl_coef > 0 and _rl_start_weights(cfg) is None:
         raise ConfigError(
             "loss.kl_coef > 0 needs the starting weights as the reference: set rl.init_from or run the "
@@ -535,8 +536,33 @@ def _check_engine_world(cfg: RunConfig, world_size: int) -> None:
         )
 
 
+def _check_partial_rollouts(cfg: RunConfig) -> None:
+    """Partial rollouts (rl.max_staleness > 0) train on tokens of older policies: decoupled PPO needs the
+    proximal logprobs recomputed and a cap on the behaviour weight; refill's extra sampling rounds have
+    no place in a step that carries its unfinished groups over."""
+    if not cfg.rl.max_staleness:
+        return
+    if cfg.loss.tis_cap is None:
+        raise ConfigError(
+            f"rl.max_staleness={cfg.rl.max_staleness} trains on tokens of older policies, which decoupled "
+            "PPO weights by min(exp(proximal - behaviour logprob), loss.tis_cap): set loss.tis_cap "
+            "(e.g. 2), or rl.max_staleness=0"
+        )
+    if cfg.rl.old_logprobs == "rollout":
+        raise ConfigError(
+            "rl.max_staleness > 0 needs the proximal policy's logprobs: use rl.old_logprobs=recompute"
+        )
+    if cfg.rl.dynamic_sampling == "refill":
+        raise ConfigError(
+            "rl.dynamic_sampling=refill samples extra rounds within a step; with rl.max_staleness > 0 the "
+            "groups in flight (rl.extra_prompts) take that role: use dynamic_sampling=filter or off"
+        )
+
+
 def _check_rl_batch(cfg: RunConfig, world_size: int) -> None:
     dp = _data_parallel(cfg, world_size)
+    if cfg.rl.max_staleness and cfg.rl.extra_prompts % dp:
+        raise ConfigError(f"rl.extra_prompts={cfg.rl.extra_prompts} must be divisible by the DP size {dp}")
     if cfg.rl.prompts_per_step % dp:
         raise ConfigError(
             f"rl.prompts_per_step={cfg.rl.prompts_per_step} must be divisible by the DP size {dp}"

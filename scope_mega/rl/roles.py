@@ -22,12 +22,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from scope_mega.config import RunConfig
+from scope_mega.config import ConfigError, RunConfig
 from scope_mega.metrics import phase_memory
 from scope_mega.models.arch import load_hf_config
 from scope_mega.models.gpt import build_gpt_model
 from scope_mega.plan import rollout_max_model_len, vllm_kv_cache_tokens
 from scope_mega.rl.batch import MicroBatchLayout, micro_batch_layout
+from scope_mega.rl.partial import RolloutBuffer
 from scope_mega.rl.rollouts import sampling_params
 from scope_mega.rollout.factory import make_engine
 from scope_mega.rollout.weight_sync import sync_weights
@@ -61,6 +62,7 @@ class RLRun:
     prm: Any  # SCOPE's PRM, else None
     reference: torch.nn.Module | None  # the frozen KL reference (loss.kl_coef > 0)
     eval_prompts: list[Prompt]  # this replica's share of the held-out prompts
+    buffer: RolloutBuffer | None  # the driver's groups in flight (rl.max_staleness > 0), else None
 
     @property
     def scope_on(self) -> bool:
@@ -123,6 +125,7 @@ def setup_rl(cfg: RunConfig) -> RLRun:
         prm,
         reference,
         task.eval[dp_rank::dp],
+        rollout_buffer(cfg, stage.progress.extra, dp_rank, dp) if is_driver else None,
     )
     sync_policy_weights(run)
     open_logger(
@@ -131,6 +134,22 @@ def setup_rl(cfg: RunConfig) -> RLRun:
         bar_keys=("reward", "rollout/accuracy", "scope/salvage_rate_failed", "tokens_per_s"),
     )
     return run
+
+
+def rollout_buffer(cfg: RunConfig, extra: dict[str, Any], dp_rank: int, dp: int) -> RolloutBuffer | None:
+    """A driver's partial-rollout buffer: its replica's, from the checkpoint's `extra["rollouts"]`
+    (one per replica) when resumed, else empty at stream position `dp_rank`. None: synchronous."""
+    if not cfg.rl.max_staleness:
+        return None
+    states = extra.get("rollouts")
+    if states is None:
+        return RolloutBuffer(next_position=dp_rank)
+    if len(states) != dp:
+        raise ConfigError(
+            f"the checkpoint holds partial rollouts of {len(states)} data-parallel replicas, this launch has "
+            f"{dp}: resume with {len(states)} replicas (the same world size and layout)"
+        )
+    return RolloutBuffer.from_state(states[dp_rank])
 
 
 def sync_policy_weights(run: RLRun) -> None:

@@ -18,16 +18,17 @@ from scope_mega.config import RunConfig
 from scope_mega.metrics import merge_stats, rollout_metrics, scope_metrics, timed, weighted_mean
 from scope_mega.rl.batch import Sample, final_reward, to_samples
 from scope_mega.rl.parts import batch_mix
-from scope_mega.rollout.engine import SamplingParams
+from scope_mega.rollout.engine import Completion, SamplingParams
 from scope_mega.runtime.served import gather_drivers
 from scope_mega.scope.dense import prm_dense_advantages
 from scope_mega.scope.rectify import cap_off_policy, rectify_groups
 from scope_mega.scope.trajectory import Trajectory
 from scope_mega.tasks import Prompt, Task
 
+GroupTrajectories = list[Trajectory]  # one prompt's verified responses
 # (prompts, seed=..., timings=...) -> one verified group of responses per prompt, e.g.
 # `partial(rollout_groups, engine, task, n=group_size)`
-GroupSampler = Callable[[list[Prompt], int, dict[str, float]], list[list[Trajectory]]]
+GroupSampler = Callable[[list[Prompt], int, dict[str, float]], list[GroupTrajectories]]
 
 
 def sampling_params(cfg: RunConfig, task: Task, n: int, seed: int | None) -> SamplingParams:
@@ -51,6 +52,13 @@ def rollout_groups(
     timed into `timings` when given)."""
     with timed(timings, "rollout"):
         outs = engine.generate([p.ids for p in prompts], sampling_params(task.cfg, task, n, seed))
+    return verify_groups(task, prompts, outs, timings)
+
+
+def verify_groups(
+    task: Task, prompts: list[Prompt], outs: list[list[Completion]], timings: dict[str, float] | None = None
+) -> list[GroupTrajectories]:
+    """Each prompt's completions as a verified group of trajectories (verification timed into `timings`)."""
     stops = set(task.stop_token_ids)
     groups = []
     for g, (prompt, comps) in enumerate(zip(prompts, outs)):
@@ -160,6 +168,11 @@ def rollout_and_rectify(
     if n:
         metrics["reward"] = sum(t.reward for g in sampled for t in g) / n
         metrics["rollout/truncated_frac"] = sum(t.truncated for g in sampled for t in g) / n
+        # the engine's decode slots left empty while the longest response ran (one call per round)
+        longest = max(len(t.response_ids) for g in sampled for t in g)
+        metrics["rollout/engine_idle_frac"] = 1 - sum(len(t.response_ids) for g in sampled for t in g) / (
+            n * longest
+        )
     dense = [d for _, d in kept] if cfg.scope.active_method == "prm_dense" else None
     samples = to_samples([g for g, _ in kept], cfg, dense)
     mix = batch_mix([g for g, _ in kept], samples)

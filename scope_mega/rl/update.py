@@ -19,7 +19,7 @@ import torch.distributed as dist
 from scope_mega.config import RunConfig
 from scope_mega.metrics import timed
 from scope_mega.models.pipeline import Batch
-from scope_mega.rl.loss import PolicyLossConfig, policy_loss
+from scope_mega.rl.loss import LOG_RATIO_CLAMP, PolicyLossConfig, policy_loss
 from scope_mega.train_step import TrainState, store_logprobs, train_step
 
 
@@ -44,6 +44,39 @@ def rl_loss(cfg: PolicyLossConfig, logprobs: torch.Tensor, batch: Batch, entropy
         seq_tokens=batch.get("seq_tokens"),
         seq_first=batch.get("seq_first"),
     )
+
+
+def behaviour_weights(micro: list[Batch], cap: float) -> dict[str, float]:
+    """Decoupled PPO's behaviour weight min(exp(proximal - behaviour logprob), cap) over the policy's
+    tokens of the step (it does not change between updates): its mean, max and truncated fraction
+    before the cap, and the behaviour/proximal KL (k3 of the proximal/behaviour ratio r: r - 1 - log r).
+    The loss applies it as `loss.tis_cap`'s weight. Summed over the world: only the last pipeline
+    stage holds the proximal logprobs, tensor-parallel ranks hold the same ones (every sum and count
+    scales alike), context-parallel and data-parallel ranks hold disjoint tokens."""
+    sums = torch.zeros(4, dtype=torch.float64)
+    top = torch.zeros(1, dtype=torch.float64)
+    for mb in micro:
+        if "old_logprobs" not in mb:  # not the last pipeline stage
+            continue
+        on = mb["on_mask"].bool()
+        log_r = (mb["old_logprobs"] - mb["rollout_logprobs"])[on].double()
+        log_r = log_r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        r = log_r.exp()
+        sums += torch.stack([r.sum(), (r > cap).sum(), (r - 1 - log_r).sum(), r.new_tensor(r.numel())]).cpu()
+        top = torch.maximum(top, r.max().cpu().reshape(1) if r.numel() else top)
+    device = micro[0]["on_mask"].device
+    sums, top = sums.to(device), top.to(device)
+    dist.all_reduce(sums)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    weight, clipped, kl, count = sums.tolist()
+    if not count:
+        return {}
+    return {
+        "behav/weight_mean": weight / count,
+        "behav/weight_max": top.item(),
+        "behav/clip_frac": clipped / count,
+        "behav/kl": kl / count,
+    }
 
 
 PER_UPDATE = (
@@ -71,9 +104,10 @@ def update_policy(
     if cfg.rl.old_logprobs == "rollout":  # the engine's logprobs: no forward (0 on guide tokens, unread)
         for mb in micro:
             mb["old_logprobs"] = mb["rollout_logprobs"]
-    elif n * epochs > 1:
+    elif n * epochs > 1 or cfg.rl.max_staleness:  # partial rollouts: the proximal policy's, always
         with timed(timings, "old_logprobs"):
             store_logprobs(state.model, state.vocab_size, micro, "old_logprobs")
+    behaviour = behaviour_weights(micro, cfg.loss.tis_cap) if cfg.rl.max_staleness else {}
     bounds = [len(micro) * i // n for i in range(n + 1)]
     chunks = [micro[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
     # loss tokens of each mini-batch over every replica: one without any (dynamic sampling dropped
@@ -98,7 +132,7 @@ def update_policy(
                 if count:
                     loss = partial(rl_loss, cfg.loss)
                     updates.append(train_step(state, chunk or [outside], loss, need_entropy=True))
-    packing = {"updates": len(updates), "packing/pad_frac": 1 - real / slots}
+    packing = {"updates": len(updates), "packing/pad_frac": 1 - real / slots} | behaviour
     if not updates:
         return packing
     metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]} | packing

@@ -1,8 +1,9 @@
 """The rollout-engine protocol: what every engine (transformers, vLLM; policy, teacher or guide) offers.
 
 One protocol for all of them, so the trainer, SCOPE's guide and evaluation never care which engine or
-which model is behind it: `generate` token ids -> completions with per-token logprobs, `update_weights`
-from a stream of HF-named full tensors, `sleep` / `wake_up` around the trainer's own GPU work.
+which model is behind it: `generate` token ids -> completions with per-token logprobs (`generate_each`:
+settings per prompt), `update_weights` from a stream of HF-named full tensors, `sleep` / `wake_up`
+around the trainer's own GPU work.
 
 Logprob convention (both engines): the log-probability of each sampled token under the distribution it
 was actually drawn from -- the model's logits divided by `temperature`, then top-k, then top-p
@@ -15,7 +16,7 @@ the same temperature/truncation to compare).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -91,6 +92,12 @@ class WeightSyncError(ValueError):
 class RolloutEngine(Protocol):
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[list[Completion]]:
         """`sampling.n` completions for each prompt, in prompt order."""
+        ...
+
+    def generate_each(
+        self, prompt_token_ids: Sequence[Sequence[int]], samplings: Sequence[SamplingParams]
+    ) -> list[list[Completion]]:
+        """`generate` with its own settings (seed, n, length) for each prompt, in one batch."""
         ...
 
     def update_weights(

@@ -11,8 +11,9 @@ for short ones.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -132,6 +133,22 @@ class HFEngine:
             chunk = prompt_token_ids[start : start + per_chunk]
             flat = self._generate_chunk(chunk, sampling, generator)
             out += [flat[i * sampling.n : (i + 1) * sampling.n] for i in range(len(chunk))]
+        return out
+
+    def generate_each(
+        self, prompt_token_ids: Sequence[Sequence[int]], samplings: Sequence[SamplingParams]
+    ) -> list[list[Completion]]:
+        """`generate` with its own settings for each prompt. The simpler way than vLLM's per-request
+        seeds: requests whose settings differ only by seed are one batch, drawn from one generator
+        seeded by the first one's seed (rows of a batch draw differently), in order of first use."""
+        batches: dict[SamplingParams, list[int]] = {}
+        for i, s in enumerate(samplings):
+            batches.setdefault(dataclasses.replace(s, seed=None), []).append(i)
+        out: list[list[Completion]] = [[] for _ in samplings]
+        for rows in batches.values():
+            done = self.generate([list(prompt_token_ids[i]) for i in rows], samplings[rows[0]])
+            for i, completions in zip(rows, done):
+                out[i] = completions
         return out
 
     def update_weights(
