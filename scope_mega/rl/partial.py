@@ -171,35 +171,60 @@ def _round(
     """One segment for each response in `todo` (an empty list still joins the collective call); the
     tokens it made, and the decode slots it held (its longest segment x its width)."""
     cfg = task.cfg
-    limit = cfg.rollout.max_new_tokens
-    base = sampling_params(cfg, task, 1, None)
-    samplings = []
-    for g, i in todo:
-        r = g.responses[i]
-        seed = (cfg.seed * 1_000_003 + g.position * 7919 + i * 104_729 + len(r.tokens)) % 2**31
-        step = min(cfg.rl.partial_segment, limit - len(r.tokens))
-        samplings.append(dataclasses.replace(base, max_new_tokens=step, seed=seed))
-    prompts = [stream_prompt(task, g.position).ids + g.responses[i].tokens for g, i in todo]
-    outs = engine.generate_each(prompts, samplings)
-    longest = 0
-    for (g, i), (out,) in zip(todo, outs):
-        _extend(g.responses[i], out, version, base, task, limit)
-        longest = max(longest, len(out.token_ids))
-    return sum(len(out.token_ids) for (out,) in outs), longest * len(todo)
+    seeds = [
+        (cfg.seed * 1_000_003 + g.position * 7919 + i * 104_729 + len(g.responses[i].tokens)) % 2**31
+        for g, i in todo
+    ]
+    return continue_responses(
+        engine,
+        [stream_prompt(task, g.position).ids for g, _ in todo],
+        [g.responses[i] for g, i in todo],
+        seeds,
+        sampling_params(cfg, task, 1, None),
+        cfg.rl.partial_segment,
+        version,
+        StopChecker(sampling_params(cfg, task, 1, None), task.stop_token_ids, task.tokenizer.decode),
+    )
 
 
-def _extend(r: Response, out: Completion, version: int, sampling: SamplingParams, task: Task, limit: int):
-    """Append a segment to a response; a stop string that spans the segment boundary ends it there."""
+def continue_responses(
+    engine,
+    prompts: list[list[int]],
+    responses: list[Response],
+    seeds: list[int],
+    sampling: SamplingParams,
+    segment: int,
+    version: int,
+    stops: StopChecker,
+) -> tuple[int, int]:
+    """Continue each unfinished response, as its prompt plus its tokens so far, by at most `segment`
+    tokens of `sampling` (`max_new_tokens` bounds the whole response; each request seeded by its
+    `seeds` entry), recording `version` for every new token. A stop string that spans a segment
+    boundary ends the response there (`stops` checks it as the engine would have). Returns the tokens
+    made and the decode slots held (the longest segment x the number of requests)."""
+    limit = sampling.max_new_tokens
+    samplings = [
+        dataclasses.replace(sampling, max_new_tokens=min(segment, limit - len(r.tokens)), seed=seed)
+        for r, seed in zip(responses, seeds)
+    ]
+    outs = engine.generate_each([list(p) + r.tokens for p, r in zip(prompts, responses)], samplings)
+    for r, (out,) in zip(responses, outs):
+        _extend(r, out, version, stops, limit)
+    made = [len(out.token_ids) for (out,) in outs]
+    return sum(made), max(made, default=0) * len(made)
+
+
+def _extend(r: Response, out: Completion, version: int, stops: StopChecker, limit: int) -> None:
+    """Append a segment to a response, and end it where it stopped or reached `limit` tokens."""
     start = len(r.tokens)
     r.tokens += out.token_ids
     r.logprobs += out.logprobs
     r.versions += [version] * len(out.token_ids)
     if out.finish_reason == "stop":
         r.finish, r.stop_reason = "stop", out.stop_reason
-    if r.finish is None and sampling.stop and start:
-        check = StopChecker(sampling, task.stop_token_ids, task.tokenizer.decode)
+    if r.finish is None and stops.strings and start:
         for end in range(start + 1, len(r.tokens) + 1):
-            if isinstance(found := check(r.tokens[:end]), str):
+            if isinstance(found := stops(r.tokens[:end]), str):
                 del r.tokens[end:], r.logprobs[end:], r.versions[end:]
                 r.finish, r.stop_reason = "stop", found
                 break

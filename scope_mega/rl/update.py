@@ -52,7 +52,7 @@ def behaviour_weights(micro: list[Batch], cap: float) -> dict[str, float]:
     before the cap, and the behaviour/proximal KL (k3 of the proximal/behaviour ratio r: r - 1 - log r).
     The loss applies it as `loss.tis_cap`'s weight. Summed over the world: only the last pipeline
     stage holds the proximal logprobs, tensor-parallel ranks hold the same ones (every sum and count
-    scales alike), context-parallel and data-parallel ranks hold disjoint tokens."""
+    scales alike), context-parallel and data-parallel ranks hold disjoint tokens (one process: its own)."""
     sums = torch.zeros(4, dtype=torch.float64)
     top = torch.zeros(1, dtype=torch.float64)
     for mb in micro:
@@ -66,8 +66,9 @@ def behaviour_weights(micro: list[Batch], cap: float) -> dict[str, float]:
         top = torch.maximum(top, r.max().cpu().reshape(1) if r.numel() else top)
     device = micro[0]["on_mask"].device
     sums, top = sums.to(device), top.to(device)
-    dist.all_reduce(sums)
-    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
     weight, clipped, kl, count = sums.tolist()
     if not count:
         return {}

@@ -12,6 +12,7 @@ import transformers
 from _tiny_config import SERVABLE, TINY
 
 from scope_mega.rollout import SamplingParams, WeightSyncError, make_engine
+from scope_mega.rollout.engine import StopChecker
 from scope_mega.rollout.vllm_engine import (
     VLLM_MISSING,
     completion_from_vllm,
@@ -323,3 +324,75 @@ def test_sleep_is_a_no_op_on_cpu(live):
     live.engine.wake_up()
     assert not live.engine.asleep and not live.engine.can_sleep
     assert live.engine.generate([PROMPT], SAMPLE)[0]
+
+
+# ----------------------------------------------------------------------------- partial rollouts
+
+
+def _resume_across_an_update(live, new_weights) -> tuple:
+    """A response of LONG_PROMPT: 8 tokens under A (version 0), the update to `new_weights`, then 8
+    more (version 1); returns it and the two segments as the engine produced them."""
+    from scope_mega.rl.partial import Response, continue_responses
+
+    r, segments = Response(), []
+    stops = StopChecker(SAMPLE, [], decode)
+    sampling = SamplingParams(max_new_tokens=64)
+    for version, weights in ((0, None), (1, new_weights)):
+        if weights is not None:
+            live.engine.update_weights(weights)
+        before = len(r.tokens)
+        continue_responses(live.engine, [LONG_PROMPT], [r], [21 + version], sampling, 8, version, stops)
+        segments.append((r.tokens[before:], r.logprobs[before:]))
+    return r, segments
+
+
+def _scored(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """The model's temperature-1 logprob of each of `tokens` after `prompt` (a trainer forward)."""
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].double()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+def test_a_response_resumed_across_an_update_keeps_its_tokens_and_scores_under_the_new_weights(live):
+    r, ((first, first_lp), (second, second_lp)) = _resume_across_an_update(live, _weights(live.b))
+    try:
+        assert (len(first), len(second), r.finish) == (8, 8, None)
+        assert r.tokens == first + second and r.logprobs == first_lp + second_lp  # what the engine made
+        assert r.versions == [0] * 8 + [1] * 8
+        old = (_scored(live.a, LONG_PROMPT, first) - torch.tensor(first_lp, dtype=torch.float64)).abs().max()
+        new = _scored(live.b, LONG_PROMPT + first, second) - torch.tensor(second_lp, dtype=torch.float64)
+        assert old < 1e-4 and new.abs().max() < 1e-4  # each part scored by the weights that sampled it
+    finally:
+        live.engine.update_weights(_weights(live.a))
+
+
+def test_resuming_without_the_prefix_cache_reset_serves_stale_kv(live, monkeypatch):
+    monkeypatch.setattr(live.engine.llm, "reset_prefix_cache", lambda: True)  # the broken sync
+    try:
+        r, (_, (second, second_lp)) = _resume_across_an_update(live, _weights(live.b))
+        prefix = LONG_PROMPT + r.tokens[:8]
+        new = _scored(live.b, prefix, second) - torch.tensor(second_lp, dtype=torch.float64)
+        assert new.abs().max() > 1e-2  # the prompt's blocks came from A's cache
+    finally:
+        monkeypatch.undo()
+        live.engine.update_weights(_weights(live.a))
+
+
+def test_a_stop_string_across_segments_ends_the_response(live):
+    """A stop string that the segment boundary splits still ends the response where it completes."""
+    from scope_mega.rl.partial import Response, continue_responses
+
+    def segmented(sampling: SamplingParams, rounds: int) -> Response:
+        r, stops = Response(), StopChecker(sampling, [], decode)
+        for _ in range(rounds):
+            if r.finish is None:  # each segment seeded alike: the same tokens with or without a stop
+                continue_responses(live.engine, [PROMPT], [r], [0], sampling, 4, 0, stops)
+        return r
+
+    free = segmented(SamplingParams(max_new_tokens=24), 2)
+    text = decode(free.tokens)  # one character a token
+    start = next(i for i in (3, 2, 1) if text.find(text[i : i + 3]) == i)  # its first occurrence
+    stop = text[start : start + 3]  # spans tokens 4 and 5: the end of segment 1, the start of 2
+    r = segmented(SamplingParams(max_new_tokens=24, stop=[stop]), 6)
+    assert (r.tokens, r.finish, r.stop_reason) == (free.tokens[: start + 3], "stop", stop)

@@ -266,3 +266,53 @@ def test_input_and_config_validation():
         PolicyLossConfig(aggregation="mean")
     with pytest.raises(ValueError, match="clip_low"):
         PolicyLossConfig(clip_low=1.0)
+
+
+def test_decoupled_ppo_by_hand_at_staleness_one():
+    """AReaL's decoupled PPO on two tokens sampled one update ago: the PPO ratio is taken against the
+    proximal policy (the trainer's logprobs before this step's first update), times the stop-gradient
+    behaviour weight min(proximal / behaviour, cap)."""
+    from scope_mega.rl.update import behaviour_weights
+
+    current, proximal, behaviour = row(0.5, 0.3).log(), row(0.4, 0.3).log(), row(0.2, 0.6).log()
+    lp, cfg = leaf(current), PolicyLossConfig(tis_cap=1.5)
+    mask = torch.ones(1, 2)
+    loss, norm, _ = policy_loss(
+        lp, proximal, row(1.0, 1.0), mask, torch.zeros_like(mask), cfg, rollout_logprobs=behaviour
+    )
+    loss.backward()
+    # token 1: ratio 0.5/0.4 = 1.25, clipped to 1.2 (A > 0), weight 0.4/0.2 = 2 capped at 1.5: -1.5 * 1.2
+    # token 2: ratio 1, weight 0.3/0.6 = 0.5: -0.5 * 1; the clipped token has no gradient
+    assert loss.item() == pytest.approx(-1.8 - 0.5, abs=1e-6) and int(norm) == 2
+    assert lp.grad[0].tolist() == pytest.approx([0.0, -0.5], abs=1e-6)
+    batch = {"on_mask": mask, "old_logprobs": proximal, "rollout_logprobs": behaviour}
+    stats = behaviour_weights([batch], cap=1.5)
+    kl = ((2 - 1 - math.log(2)) + (0.5 - 1 + math.log(2))) / 2  # k3 of r = proximal/behaviour
+    assert stats == pytest.approx(
+        {"behav/weight_mean": 1.25, "behav/weight_max": 2.0, "behav/clip_frac": 0.5, "behav/kl": kl}
+    )
+
+
+def test_decoupled_ppo_is_the_plain_loss_at_staleness_zero():
+    """Behaviour = proximal (staleness 0, no mismatch): the weight is exactly 1 and the loss and its
+    gradient are bitwise those without the weight."""
+    from scope_mega.rl.update import behaviour_weights
+
+    torch.manual_seed(0)
+    old = torch.randn(3, 7).clamp(max=-0.1)
+    current, adv = old + 0.3 * torch.randn(3, 7), torch.randn(3, 7)
+    mask = (torch.rand(3, 7) > 0.2).float()
+    outs = []
+    for cfg, rollout in ((PolicyLossConfig(tis_cap=2.0), old.clone()), (PolicyLossConfig(), None)):
+        lp = leaf(current)
+        loss, _, _ = policy_loss(lp, old, adv, mask, torch.zeros_like(mask), cfg, rollout_logprobs=rollout)
+        loss.backward()
+        outs.append((loss, lp.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    stats = behaviour_weights([{"on_mask": mask, "old_logprobs": old, "rollout_logprobs": old}], cap=2.0)
+    assert stats == {
+        "behav/weight_mean": 1.0,
+        "behav/weight_max": 1.0,
+        "behav/clip_frac": 0.0,
+        "behav/kl": 0.0,
+    }
