@@ -3,9 +3,10 @@
     python tools/plot_metrics.py RUN_DIR [--report]
 
 Writes RUN_DIR/plots/<stage>_<metric>.png for the main training curves, plots/rl_timing.png (each RL
-step's wall time stacked by phase) and, with --report, RUN_DIR/report.md: held-out results before and
-after each stage, with the plots linked. A torn last line of metrics.jsonl (a run killed while writing
-it) is left out with a one-line note (`scope_mega.logging.read_metrics`).
+step's wall time stacked by phase), plots/rl_rollouts.png (the engine's idle and the trainer's waiting
+fraction; with partial rollouts the staleness histogram and the groups carried over) and, with
+--report, RUN_DIR/report.md: held-out results before and after each stage, with the plots linked. A
+torn last line of metrics.jsonl (a run killed while writing it) is left out with a one-line note (`scope_mega.logging.read_metrics`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,49 @@ def plot(run_dir: Path) -> list[Path]:
             plt.close(fig)
             out.append(path)
     timing = plot_timing(rows, run_dir / "plots" / "rl_timing.png")
-    return out + ([timing] if timing else [])
+    rollouts = plot_rollouts(rows, run_dir / "plots" / "rl_rollouts.png")
+    return out + [p for p in (timing, rollouts) if p]
+
+
+def plot_rollouts(rows: list[dict], path: Path) -> Path | None:
+    """Where rollouts wait: the engine's idle and the trainer's waiting fraction per RL step; with
+    partial rollouts (`async/*`), also the trained tokens' staleness histogram and the groups
+    carried over, regenerated and dropped."""
+    steps = [m for m in rows if m.get("stage") == "rl" and "rollout/trainer_wait_frac" in m]
+    if not steps:
+        return None
+    x = [m["step"] for m in steps]
+    partial = any("async/staleness_0" in m for m in steps)
+    fig, axes = plt.subplots(1, 3 if partial else 1, figsize=(13 if partial else 5, 3.4), squeeze=False)
+    ax = axes[0][0]
+    for key, label in (
+        ("rollout/engine_idle_frac", "engine idle"),
+        ("rollout/trainer_wait_frac", "trainer waits"),
+    ):
+        ax.plot(x, [m.get(key, float("nan")) for m in steps], label=label)
+    ax.set(xlabel="step", ylabel="fraction", ylim=(0, 1), title="rl: idle engine, waiting trainer")
+    ax.legend(fontsize=7)
+    if partial:
+        ax = axes[0][1]
+        ages = sorted(
+            int(k.rsplit("_", 1)[1]) for k in steps[0] if k.startswith("async/staleness_") and k[-1].isdigit()
+        )
+        bottom = [0.0] * len(steps)
+        for j in ages:
+            height = [m.get(f"async/staleness_{j}", 0.0) for m in steps]
+            ax.bar(x, height, bottom=bottom, label=f"{j} steps old")
+            bottom = [b + h for b, h in zip(bottom, height)]
+        ax.set(xlabel="step", ylabel="fraction of trained tokens", title="rl: staleness of trained tokens")
+        ax.legend(fontsize=7)
+        ax = axes[0][2]
+        for key in ("async/carried", "async/finished_waiting", "async/regenerated", "async/dropped"):
+            ax.plot(x, [m.get(key, 0.0) for m in steps], label=key.split("/")[1])
+        ax.set(xlabel="step", ylabel="groups (per replica)", title="rl: groups in flight")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_timing(rows: list[dict], path: Path) -> Path | None:

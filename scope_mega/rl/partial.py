@@ -106,7 +106,7 @@ def partial_rollouts(
     cfg = task.cfg.rl
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}
-    fresh = _drop_stale(buffer, version - cfg.max_staleness, cfg.stale_groups, task.cfg.rl.group_size)
+    fresh = drop_stale(buffer, version - cfg.max_staleness, cfg.stale_groups, task.cfg.rl.group_size)
     metrics.update(fresh)
     while len(buffer.groups) < need + cfg.extra_prompts:
         buffer.groups.append(InFlight(buffer.next_position, _empty(task.cfg.rl.group_size)))
@@ -141,7 +141,7 @@ def _empty(n: int) -> list[Response]:
     return [Response() for _ in range(n)]
 
 
-def _drop_stale(buffer: RolloutBuffer, oldest_allowed: int, mode: str, n: int) -> dict[str, float]:
+def drop_stale(buffer: RolloutBuffer, oldest_allowed: int, mode: str, n: int) -> dict[str, float]:
     """Regenerate or drop the groups with a token older than `oldest_allowed`; their counts."""
     stale = [g for g in buffer.groups if g.oldest is not None and g.oldest < oldest_allowed]
     if mode == "drop":

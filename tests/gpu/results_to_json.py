@@ -70,9 +70,14 @@ def read_bench(log: str) -> list[dict]:
             d = m.groupdict()
             rows.append(
                 {
-                    "preset": d["preset"], "device": d["device"], "precision": d["precision"],
-                    "fp8": bool(d["fp8"]), "layout": d["layout"], "sequences": int(d["sequences"]),
-                    "tokens": int(d["tokens"]), "micro_batches": int(d["micro_batches"]),
+                    "preset": d["preset"],
+                    "device": d["device"],
+                    "precision": d["precision"],
+                    "fp8": bool(d["fp8"]),
+                    "layout": d["layout"],
+                    "sequences": int(d["sequences"]),
+                    "tokens": int(d["tokens"]),
+                    "micro_batches": int(d["micro_batches"]),
                     "padding": _num(d["padding"]) / 100,
                 }  # fmt: skip
             )

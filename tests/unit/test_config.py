@@ -129,6 +129,19 @@ def test_trainer_refuses_what_it_cannot_run(capsys, tmp_path):
             "model's 3 KV heads",
         ),
         (["guide.prm=model"], "guide.prm=model needs guide.prm_path"),
+        (["rl.max_staleness=1"], "rl.max_staleness=1 trains on tokens of older policies"),
+        (
+            ["rl.max_staleness=1", "loss.tis_cap=2", "rl.old_logprobs=rollout"],
+            "rl.max_staleness > 0 needs the proximal policy's logprobs",
+        ),
+        (
+            ["rl.max_staleness=1", "loss.tis_cap=2", "rl.dynamic_sampling=refill"],
+            "rl.dynamic_sampling=refill samples extra rounds",
+        ),
+        (
+            ["rl.max_staleness=1", "loss.tis_cap=2", "rl.extra_prompts=3", "WORLD=2"],
+            "rl.extra_prompts=3 must be divisible by the DP size 2",
+        ),
     ]:
         world = [o for o in overrides if o.startswith("WORLD=")]
         overrides = [o for o in overrides if o not in world]
