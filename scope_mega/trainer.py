@@ -99,6 +99,7 @@ def partial_step(run: RLRun, guide, seed: int, rectify: bool) -> tuple[list[Samp
 
     draw = lambda _: prompts  # noqa: E731
     samples, metrics = rollout_and_rectify(finished, guide, run.prm, run.task, draw, seed, rectify)
+    metrics.pop("rollout/engine_idle_frac", None)  # of the finished groups: the rounds give the real one
     replicas = gather_drivers((stats, run.buffer.state()))
     progress.extra["rollouts"] = [state for _, state in replicas]
     return samples, metrics | merge_partial_metrics([s for s, _ in replicas])

@@ -552,6 +552,13 @@ def _check_partial_rollouts(cfg: RunConfig) -> None:
         raise ConfigError(
             "rl.max_staleness > 0 needs the proximal policy's logprobs: use rl.old_logprobs=recompute"
         )
+    r = cfg.rollout
+    if (r.temperature, r.top_p, r.top_k) != (1.0, 1.0, 0):
+        raise ConfigError(
+            f"rl.max_staleness > 0 weights tokens by the engine's logprobs against the trainer's, which are "
+            f"the untempered model's; rollout.temperature={r.temperature}, top_p={r.top_p}, top_k={r.top_k} "
+            "sample from another distribution: use temperature 1, top_p 1, top_k 0, or rl.max_staleness=0"
+        )
     if cfg.rl.dynamic_sampling == "refill":
         raise ConfigError(
             "rl.dynamic_sampling=refill samples extra rounds within a step; with rl.max_staleness > 0 the "

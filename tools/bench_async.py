@@ -1,20 +1,23 @@
 """Benchmark partial rollouts: the synchronous loop against `rl.max_staleness=1`, on CPU with vLLM.
 
-One run measures both arms, one after the other on this machine, from the same SFT checkpoint:
-the demo's policy (examples/tiny_cpu.yaml) warm-started by `--sft-steps` of SFT, then `--steps` RL
-steps (GRPO: SCOPE off, so the step is rollouts and the update alone) with vLLM in process. The
-workload has a long tail: the SFT'd policy ends most Countdown answers within ~25 tokens, while a few
-responses wander to the `--max-new-tokens` limit, and the synchronous step waits for them.
+Both arms start from the same SFT checkpoint: the demo's policy (examples/tiny_cpu.yaml) after
+`--sft-steps` of SFT, then `--steps` RL steps (GRPO: SCOPE off, so a step is rollouts and the update)
+with vLLM in process, the demo's 4 PPO mini-batches (so both arms run the old-logprob forward), at
+temperature 1 (decoupled PPO compares the engine's logprobs with the trainer's untempered ones). The
+workload's tail: the SFT'd policy ends most Countdown answers within ~25 tokens, a step's longest
+response runs 1.5-2x the mean (engine idle fraction 0.1-0.4), and the synchronous step waits for it.
+The partial arm generates in segments of `--segment` tokens with `--extra` groups more in flight.
 
-Printed: for each arm its trained tokens per second over all steps (the trained responses' tokens /
-the steps' wall time; equal samples per step in both arms), the ratio against the synchronous arm,
-the engine's idle fraction (decode slots left empty while the longest response runs) and the
-trainer's waiting fraction (the step's time spent in rollouts), the staleness histogram of the
-trained tokens, and the held-out accuracy (greedy and avg@8 on the demo's 100 eval problems) after
-the same number of trained samples.
+The arms run `--repeats` times each, interleaved (sync, partial, sync, partial, ...), since this
+machine's speed drifts by tens of percent over minutes. Printed for each arm: trained tokens per
+second over all steps (the trained responses' tokens / the steps' wall time; both arms train
+prompts_per_step x group_size samples a step) and its ratio to the synchronous arm's, the rollout
+phase's seconds per step, the engine's idle fraction (decode slots left empty while each call's
+longest response runs) and the trainer's waiting fraction (the step's time in rollouts), the
+truncated fraction, the staleness histogram of the trained tokens, and the held-out accuracy (greedy
+and avg@8 on the demo's 100 eval problems) after the same number of trained samples.
 
-    .venv/bin/python tools/bench_async.py                     # ~15 min on 2 cores
-    .venv/bin/python tools/bench_async.py --steps 10 --sft-steps 200
+    .venv/bin/python tools/bench_async.py      # ~12 min on 2 cores
 """
 
 from __future__ import annotations
@@ -31,10 +34,7 @@ sys.path.insert(0, str(REPO))
 from scope_mega.logging import read_metrics  # noqa: E402
 
 CONFIG = str(REPO / "examples" / "tiny_cpu.yaml")
-ARMS = {
-    "sync": [],
-    "partial k=1": ["rl.max_staleness=1", "loss.tis_cap=2", "rl.extra_prompts=8", "rl.partial_segment=16"],
-}
+PARTIAL = ["rl.max_staleness=1", "loss.tis_cap=2"]
 
 
 def cli(*args: str) -> None:
@@ -46,34 +46,41 @@ def cli(*args: str) -> None:
         sys.exit(proc.stderr.decode(errors="replace")[-3000:])
 
 
-def summary(run_dir: Path) -> dict[str, float]:
-    """The arm's throughput, waiting and idle fractions, staleness and final held-out accuracy."""
-    rows = [m for m in read_metrics(run_dir) if m["stage"] == "rl"]
-    steps = [m for m in rows if "loss" in m]
-    final = [m for m in rows if "eval/greedy_acc" in m][-1]
+def summary(run_dirs: list[Path]) -> dict[str, float]:
+    """An arm's throughput over all its runs' steps, its mean waiting and idle fractions, staleness
+    and truncation per step, and its held-out accuracy at the end (the mean of its runs)."""
+    rows = [[m for m in read_metrics(d) if m["stage"] == "rl"] for d in run_dirs]
+    steps = [m for r in rows for m in r if "loss" in m]
+    finals = [[m for m in r if "eval/greedy_acc" in m][-1] for r in rows]
     seconds = sum(m["timing_s/step"] for m in steps)
-    out = {
+
+    def mean(key: str, default: float | None = None) -> float:
+        return sum(m.get(key, default) for m in steps) / len(steps)
+
+    return {
         "tokens_per_s": sum(m["tokens_per_s"] * m["timing_s/step"] for m in steps) / seconds,
         "step_s": seconds / len(steps),
-        "engine_idle": sum(m["rollout/engine_idle_frac"] for m in steps) / len(steps),
-        "trainer_wait": sum(m["rollout/trainer_wait_frac"] for m in steps) / len(steps),
-        "truncated": sum(m["rollout/truncated_frac"] for m in steps) / len(steps),
-        "rollout_acc": sum(m["rollout/accuracy"] for m in steps) / len(steps),
-        "greedy": final["eval/greedy_acc"],
-        "avg@8": final["eval/avg@8"],
+        "rollout_s": mean("timing_s/generate"),
+        "engine_idle": mean("rollout/engine_idle_frac"),
+        "trainer_wait": mean("rollout/trainer_wait_frac"),
+        "truncated": mean("rollout/truncated_frac"),
+        "rollout_acc": mean("rollout/accuracy"),
+        "stale_0": mean("async/staleness_0", 1.0),
+        "stale_1": mean("async/staleness_1", 0.0),
+        "greedy": sum(m["eval/greedy_acc"] for m in finals) / len(finals),
+        "avg@8": sum(m["eval/avg@8"] for m in finals) / len(finals),
     }
-    for j in (0, 1):
-        values = [m.get(f"async/staleness_{j}", 1.0 - j) for m in steps]
-        out[f"stale_{j}"] = sum(values) / len(values)
-    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="/tmp/bench_async")
     parser.add_argument("--sft-steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--segment", type=int, default=32, help="rl.partial_segment of the partial arm")
+    parser.add_argument("--extra", type=int, default=8, help="rl.extra_prompts of the partial arm")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each arm, interleaved")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
     out = Path(args.out)
@@ -92,12 +99,18 @@ def main() -> None:
         "rl.eval_interval=0",
         *common,
     ]
-    results = {}
-    for arm, overrides in ARMS.items():
-        run_dir = out / arm.split()[0]
-        print(f"{arm}: {args.steps} RL steps -> {run_dir}", flush=True)
-        cli("train", CONFIG, f"run_dir={run_dir}", *rl, *overrides, "checkpoint.resume=false")
-        results[arm] = summary(run_dir)
+    arms = {
+        "sync": [],
+        "partial k=1": [*PARTIAL, f"rl.partial_segment={args.segment}", f"rl.extra_prompts={args.extra}"],
+    }
+    runs: dict[str, list[Path]] = {arm: [] for arm in arms}
+    for repeat in range(args.repeats):  # interleaved, so a slow spell of the machine hits both arms
+        for arm, overrides in arms.items():
+            run_dir = out / f"{arm.split()[0]}_{repeat}"
+            print(f"{arm}, run {repeat + 1}/{args.repeats}: {args.steps} RL steps -> {run_dir}", flush=True)
+            cli("train", CONFIG, f"run_dir={run_dir}", *rl, *overrides, "checkpoint.resume=false")
+            runs[arm].append(run_dir)
+    results = {arm: summary(dirs) for arm, dirs in runs.items()}
     base = results["sync"]["tokens_per_s"]
     keys = list(results["sync"])
     print(f"\n{'arm':<12}" + "".join(f"{k:>13}" for k in keys) + f"{'ratio':>8}")

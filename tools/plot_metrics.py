@@ -6,7 +6,8 @@ Writes RUN_DIR/plots/<stage>_<metric>.png for the main training curves, plots/rl
 step's wall time stacked by phase), plots/rl_rollouts.png (the engine's idle and the trainer's waiting
 fraction; with partial rollouts the staleness histogram and the groups carried over) and, with
 --report, RUN_DIR/report.md: held-out results before and after each stage, with the plots linked. A
-torn last line of metrics.jsonl (a run killed while writing it) is left out with a one-line note (`scope_mega.logging.read_metrics`).
+torn last line of metrics.jsonl (a run killed while writing it) is left out with a one-line note
+(`scope_mega.logging.read_metrics`).
 """
 
 from __future__ import annotations

@@ -4,24 +4,28 @@ response (docs/design.md section 3, "Partial rollouts").
 Contract, per data-parallel replica (its driver holds a `RolloutBuffer`):
 - Prompts come from a stream over the training prompts, epoch after epoch, each epoch a permutation
   seeded by the run's seed; replica r takes positions r, r + dp, r + 2 dp, ... A step keeps
-  `need + rl.extra_prompts` groups in flight (`need` = prompts_per_step / dp), issuing new positions
+  `need + rl.extra_prompts / dp` groups in flight (`need` = prompts_per_step / dp), issuing new positions
   as trained ones leave.
 - Generation runs in rounds: every unfinished response of the buffer is continued, as its prompt plus
   the tokens it has so far, for at most `rl.partial_segment` new tokens (one engine call per round,
   one request per response, seeded by its position, member and length). After a round a replica
-  with `need` finished groups asks for nothing more; once every replica has, the step's generation
-  stops. What is unfinished is aborted at that segment boundary and carried over with its tokens, its
-  behaviour logprobs (the engine's, of the weights that sampled each token) and each token's policy
-  version. Finished groups beyond `need` wait, finished, for a later step.
+  with `need` finished groups (and none about to grow too stale, below) asks for nothing more; once
+  every replica has, the step's generation stops. What is unfinished is aborted at that segment
+  boundary and carried over with its tokens, its behaviour logprobs (the engine's, of the weights
+  that sampled each token) and each token's policy version. Finished groups beyond `need` wait,
+  finished, for a later step.
 - The policy version is the number of RL steps done: during step s's rollouts the engines hold the
   weights of version s. After the update and the weight sync a carried response continues under the
   new weights: its whole prefix is prefilled again (the sync resets vLLM's prefix cache; the
   transformers engine keeps no cache between calls), so only the sampled tokens and their logprobs
   stay those of the old policy, which decoupled PPO corrects for (`rl.update`).
-- Staleness: a token trained at step v has staleness v - version <= k. Before a step generates, a
-  group whose oldest token is older than v - k is regenerated (`rl.stale_groups="regenerate"`: its
-  tokens are dropped and its prompt starts again) or dropped ("drop": its prompt is given up); both
-  are counted. The step trains the `need` finished groups of the oldest positions.
+- Staleness: a token trained at step v has staleness v - version <= k. A step's generation goes on
+  until no unfinished group has a token of version v - k (it would be too old next step), so a
+  response spans at most k + 1 steps and long responses are not starved. The step trains `need`
+  finished groups, those with the oldest tokens first (then by position). Before a step generates, a
+  group whose oldest token is older than v - k (a finished group the step before had no room for) is
+  regenerated (`rl.stale_groups="regenerate"`: its tokens are dropped and its prompt starts again) or
+  dropped ("drop": its prompt is given up); both are counted.
 - SCOPE sees only finished responses: the finished groups go through `rollouts.rollout_and_rectify`
   exactly as synchronous ones do.
 - The buffer is plain data (`state()` / `RolloutBuffer.from_state`), kept in the RL checkpoint, so a
@@ -31,6 +35,7 @@ Contract, per data-parallel replica (its driver holds a `RolloutBuffer`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -90,37 +95,45 @@ class RolloutBuffer:
 def stream_prompt(task: Task, position: int) -> Prompt:
     """The training prompt at `position` of the stream: epoch `position // len(train)`, a permutation
     of the training prompts seeded by the run's seed and the epoch."""
-    train = task.train
-    epoch, index = divmod(position, len(train))
-    order = list(range(len(train)))
-    random.Random(task.cfg.seed * 1_000_003 + epoch).shuffle(order)
-    return train[order[index]]
+    epoch, index = divmod(position, len(task.train))
+    return task.train[_epoch_order(task.cfg.seed, epoch, len(task.train))[index]]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
 
 
 def partial_rollouts(
     engine, task: Task, buffer: RolloutBuffer, need: int, version: int, dp: int
 ) -> tuple[list[Prompt], list[GroupTrajectories], dict[str, Any]]:
-    """One step's rollouts on a replica's driver (collective over drivers): the `need` finished groups
-    of the oldest positions, verified, with their prompts; the rest stays in `buffer`. Metrics:
-    `async/*` of this replica (the trainer averages replicas)."""
+    """One step's rollouts on a replica's driver (collective over drivers): `need` finished groups,
+    the oldest first, verified, with their prompts; the rest stays in `buffer`. Metrics: `async/*` of
+    this replica (the trainer merges replicas, `merge_partial_metrics`)."""
     cfg = task.cfg.rl
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}
-    fresh = drop_stale(buffer, version - cfg.max_staleness, cfg.stale_groups, task.cfg.rl.group_size)
-    metrics.update(fresh)
-    while len(buffer.groups) < need + cfg.extra_prompts:
-        buffer.groups.append(InFlight(buffer.next_position, _empty(task.cfg.rl.group_size)))
+    last = version - cfg.max_staleness  # the oldest version a token trained now may have
+    metrics.update(drop_stale(buffer, last, cfg.stale_groups, cfg.group_size))
+    while len(buffer.groups) < need + cfg.extra_prompts // dp:
+        buffer.groups.append(InFlight(buffer.next_position, _empty(cfg.group_size)))
         buffer.next_position += dp
     tokens = slots = rounds = 0
     with timed(timings, "rollout"):
         while True:
-            done = sum(g.finished for g in buffer.groups) >= need
+            todo = _open(buffer)
+            # done: the step's groups are finished, and no unfinished group would be too stale next step
+            done = sum(g.finished for g in buffer.groups) >= need and not any(
+                g.oldest == last for g in buffer.groups if not g.finished
+            )
             if not any(gather_drivers(not done)):
                 break
-            made, width = _round(engine, task, buffer, version, [] if done else _open(buffer))
+            made, width = _round(engine, task, version, [] if done else todo)
             tokens, slots, rounds = tokens + made, slots + width, rounds + 1
-    buffer.groups.sort(key=lambda g: g.position)
-    taken = [g for g in buffer.groups if g.finished][:need]
+    finished = sorted((g for g in buffer.groups if g.finished), key=lambda g: (g.oldest, g.position))
+    taken = finished[:need]
     buffer.groups = [g for g in buffer.groups if g not in taken]
     prompts = [stream_prompt(task, g.position) for g in taken]
     completions = [[_completion(r, task) for r in g.responses] for g in taken]
@@ -130,9 +143,8 @@ def partial_rollouts(
     metrics["async/carried"] = sum(not g.finished for g in buffer.groups)
     metrics["async/finished_waiting"] = sum(g.finished for g in buffer.groups)
     metrics["async/rounds"] = rounds
-    # the engine's decode slots left empty: each round is as long as its longest segment for the
-    # width of requests it started with
-    metrics["rollout/engine_idle_frac"] = 1 - tokens / slots if slots else 0.0
+    if slots:  # the decode slots left empty: each round lasts its longest segment, at its full width
+        metrics["rollout/engine_idle_frac"] = 1 - tokens / slots
     metrics["async/trained_positions"] = [g.position for g in taken]
     return prompts, groups, metrics
 
@@ -165,9 +177,7 @@ def _open(buffer: RolloutBuffer) -> list[tuple[InFlight, int]]:
     ]
 
 
-def _round(
-    engine, task: Task, buffer: RolloutBuffer, version: int, todo: list[tuple[InFlight, int]]
-) -> tuple[int, int]:
+def _round(engine, task: Task, version: int, todo: list[tuple[InFlight, int]]) -> tuple[int, int]:
     """One segment for each response in `todo` (an empty list still joins the collective call); the
     tokens it made, and the decode slots it held (its longest segment x its width)."""
     cfg = task.cfg

@@ -197,6 +197,11 @@ class VLLMEngine:
             dtype_bytes = 4 if dtype == "float32" else 2
             per_token = ModelSize.from_hf(hf_config).kv_bytes_per_token(tensor_parallel_size, dtype_bytes)
             kwargs.update(kv_cache_memory_bytes=tokens * per_token)
+            # vLLM 0.32 on CPU: a seeded request whose prefill is split over engine steps fails ("CPU
+            # Generator does not use offset": the discarded sample rewinds its generator, which CPU
+            # generators cannot). Prefills then run whole; long ones (partial rollouts resuming as
+            # prompt + response) wait for room in the step's token budget instead of being split.
+            kwargs.update(enable_chunked_prefill=False)
         if dist.is_initialized():
             world = dist.get_world_size()
             if world % tensor_parallel_size:

@@ -135,6 +135,10 @@ def test_trainer_refuses_what_it_cannot_run(capsys, tmp_path):
             "rl.max_staleness > 0 needs the proximal policy's logprobs",
         ),
         (
+            ["rl.max_staleness=1", "loss.tis_cap=2", "rollout.temperature=1.6"],
+            "rl.max_staleness > 0 weights tokens by the engine's logprobs against the trainer's",
+        ),
+        (
             ["rl.max_staleness=1", "loss.tis_cap=2", "rl.dynamic_sampling=refill"],
             "rl.dynamic_sampling=refill samples extra rounds",
         ),
