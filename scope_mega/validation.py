@@ -383,12 +383,12 @@ def _check_trainer(cfg: RunConfig, world_size: int | None, target: str | None) -
             "loss.off_policy=clip needs the guide's logprobs: set scope.guide=engine, or use "
             "loss.off_policy=shaping"
         )
+    _check_partial_rollouts(cfg)
     if cfg.rl.old_logprobs == "rollout" and cfg.loss.tis_cap is not None:
         raise ConfigError(
             "rl.old_logprobs=rollout makes loss.tis_cap's weight, exp(old - rollout logprobs), exactly 1: "
             "unset loss.tis_cap, or use rl.old_logprobs=recompute"
         )
-    _check_partial_rollouts(cfg)
     if cfg.loss.kl_coef > 0 and _rl_start_weights(cfg) is None:
         raise ConfigError(
             "loss.kl_coef > 0 needs the starting weights as the reference: set rl.init_from or run the "
