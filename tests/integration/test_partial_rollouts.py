@@ -72,6 +72,16 @@ def test_partial_rollouts_survive_a_sigkill_and_train_every_prompt_once(tmp_path
     straight = _train(tmp_path / "straight", STEPS, *common)
     _killed_at_step(tmp_path / "killed", 3, *common)
     assert [m["step"] for m in _rl_steps(tmp_path / "killed")][-1] >= 3
+    state = tmp_path / "killed" / "checkpoints_rl" / "step_00000003" / "trainer_state.json"
+    responses = [
+        r
+        for s in json.loads(state.read_text())["extra"]["rollouts"]
+        for g in s["groups"]
+        for r in g["responses"]
+    ]
+    assert any(
+        r["tokens"] and r["finish"] is None for r in responses
+    )  # killed with partial responses in flight
     killed = _train(tmp_path / "killed", STEPS, *common)  # resumes at step 3
 
     steps, reference = _rl_steps(killed), _rl_steps(straight)
