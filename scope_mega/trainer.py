@@ -146,7 +146,7 @@ def log_step(run: RLRun, samples: list[Sample], metrics: dict[str, float], start
     progress.step += 1
     progress.data_position = progress.step * run.cfg.rl.prompts_per_step
     metrics["timing_s/step"] = time.perf_counter() - start
-    metrics["rollout/trainer_wait_frac"] = metrics["timing_s/generate"] / metrics["timing_s/step"]
+    metrics["timing/trainer_wait_frac"] = metrics["timing_s/generate"] / metrics["timing_s/step"]
     metrics["tokens_per_s"] = sum(len(s.response_ids) for s in samples) * run.dp / metrics["timing_s/step"]
     run.stage.logger.log(progress.step, metrics)
 

@@ -62,7 +62,7 @@ def summary(run_dirs: list[Path]) -> dict[str, float]:
         "step_s": seconds / len(steps),
         "rollout_s": mean("timing_s/generate"),
         "engine_idle": mean("rollout/engine_idle_frac"),
-        "trainer_wait": mean("rollout/trainer_wait_frac"),
+        "trainer_wait": mean("timing/trainer_wait_frac"),
         "truncated": mean("rollout/truncated_frac"),
         "rollout_acc": mean("rollout/accuracy"),
         "stale_0": mean("async/staleness_0", 1.0),

@@ -68,7 +68,7 @@ def plot_rollouts(rows: list[dict], path: Path) -> Path | None:
     """Where rollouts wait: the engine's idle and the trainer's waiting fraction per RL step; with
     partial rollouts (`async/*`), also the trained tokens' staleness histogram and the groups
     carried over, regenerated and dropped."""
-    steps = [m for m in rows if m.get("stage") == "rl" and "rollout/trainer_wait_frac" in m]
+    steps = [m for m in rows if m.get("stage") == "rl" and "timing/trainer_wait_frac" in m]
     if not steps:
         return None
     x = [m["step"] for m in steps]
@@ -77,7 +77,7 @@ def plot_rollouts(rows: list[dict], path: Path) -> Path | None:
     ax = axes[0][0]
     for key, label in (
         ("rollout/engine_idle_frac", "engine idle"),
-        ("rollout/trainer_wait_frac", "trainer waits"),
+        ("timing/trainer_wait_frac", "trainer waits"),
     ):
         ax.plot(x, [m.get(key, float("nan")) for m in steps], label=label)
     ax.set(xlabel="step", ylabel="fraction", ylim=(0, 1), title="rl: idle engine, waiting trainer")
