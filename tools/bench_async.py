@@ -55,7 +55,10 @@ def summary(run_dirs: list[Path]) -> dict[str, float]:
     seconds = sum(m["timing_s/step"] for m in steps)
 
     def mean(key: str, default: float | None = None) -> float:
-        return sum(m.get(key, default) for m in steps) / len(steps)
+        """Over the steps that have `key` (a partial step without generation has no idle fraction)."""
+        values = [m.get(key, default) for m in steps]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else float("nan")
 
     return {
         "tokens_per_s": sum(m["tokens_per_s"] * m["timing_s/step"] for m in steps) / seconds,

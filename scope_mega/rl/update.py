@@ -19,7 +19,7 @@ import torch.distributed as dist
 from scope_mega.config import RunConfig
 from scope_mega.metrics import timed
 from scope_mega.models.pipeline import Batch
-from scope_mega.rl.loss import LOG_RATIO_CLAMP, PolicyLossConfig, policy_loss
+from scope_mega.rl.loss import LOG_RATIO_CLAMP, PolicyLossConfig, kl_penalty, policy_loss
 from scope_mega.train_step import TrainState, store_logprobs, train_step
 
 
@@ -49,7 +49,7 @@ def rl_loss(cfg: PolicyLossConfig, logprobs: torch.Tensor, batch: Batch, entropy
 def behaviour_weights(micro: list[Batch], cap: float) -> dict[str, float]:
     """Decoupled PPO's behaviour weight min(exp(proximal - behaviour logprob), cap) over the policy's
     tokens of the step (it does not change between updates): its mean, max and truncated fraction
-    before the cap, and the behaviour/proximal KL (k3 of the proximal/behaviour ratio r: r - 1 - log r).
+    before the cap, and the behaviour/proximal KL (`loss.kl_penalty`'s k3 of r = proximal/behaviour).
     The loss applies it as `loss.tis_cap`'s weight. Summed over the world: only the last pipeline
     stage holds the proximal logprobs, tensor-parallel ranks hold the same ones (every sum and count
     scales alike), context-parallel and data-parallel ranks hold disjoint tokens (one process: its own)."""
@@ -59,10 +59,10 @@ def behaviour_weights(micro: list[Batch], cap: float) -> dict[str, float]:
         if "old_logprobs" not in mb:  # not the last pipeline stage
             continue
         on = mb["on_mask"].bool()
-        log_r = (mb["old_logprobs"] - mb["rollout_logprobs"])[on].double()
-        log_r = log_r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        r = log_r.exp()
-        sums += torch.stack([r.sum(), (r > cap).sum(), (r - 1 - log_r).sum(), r.new_tensor(r.numel())]).cpu()
+        proximal, behaviour = mb["old_logprobs"][on].double(), mb["rollout_logprobs"][on].double()
+        r = (proximal - behaviour).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+        kl = kl_penalty(behaviour, proximal, "k3")  # k3 of r = proximal / behaviour
+        sums += torch.stack([r.sum(), (r > cap).sum(), kl.sum(), r.new_tensor(r.numel())]).cpu()
         top = torch.maximum(top, r.max().cpu().reshape(1) if r.numel() else top)
     device = micro[0]["on_mask"].device
     sums, top = sums.to(device), top.to(device)

@@ -9,16 +9,12 @@ limit, so groups finish in different rounds and unfinished ones carry over.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from test_train_job import REPO, TWO_RANKS, job_log, losses, max_logged_step, rank_processes, submit
+from test_train_job import REPO, TWO_RANKS, job_log, losses, preempt_after, submit
 
 pytestmark = pytest.mark.slurm
 
@@ -64,7 +60,7 @@ def trained_positions(run_dir: Path) -> dict[int, list[int]]:
 @pytest.fixture(scope="module")
 def rl_jobs(slurm_cluster):
     """The uninterrupted RL job and the one to preempt, side by side; USR1 to the second's batch shell
-    once it has logged step 3, its ranks paused while the notice travels (as in test_train_job)."""
+    once it has logged step 3 (`test_train_job.preempt_after`)."""
     cwd = slurm_cluster.jobs_dir / "partial_jobs"
     cwd.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load((REPO / "examples" / "tiny_cpu.yaml").read_text())
@@ -77,27 +73,7 @@ def rl_jobs(slurm_cluster):
     pre = submit(
         slurm_cluster, cwd, TWO_RANKS, ["--stage", "train", "tiny.yaml", *TINY_RL, f"run_dir={pre_dir}"]
     )
-    deadline = time.monotonic() + 300
-    while max_logged_step(pre_dir) < 3:
-        info = slurm_cluster.job_info(pre)
-        assert info.get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), (info, job_log(cwd, pre))
-        assert time.monotonic() < deadline, f"no step 3 after 300 s\n{job_log(cwd, pre)}"
-        time.sleep(0.05)
-    ranks = rank_processes(pre)
-    assert len(ranks) == 2, (ranks, job_log(cwd, pre))
-    for pid in ranks:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        step = max_logged_step(pre_dir)
-        slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(pre)])
-        deadline = time.monotonic() + 60
-        while "stop requested: SIGUSR1 to every rank" not in job_log(cwd, pre):
-            assert time.monotonic() < deadline, f"stop request not delivered\n{job_log(cwd, pre)}"
-            time.sleep(0.1)
-    finally:
-        for pid in ranks:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+    step = preempt_after(slurm_cluster, cwd, pre, pre_dir, 3, timeout=300)
     return dict(cwd=cwd, ref=ref, ref_dir=ref_dir, pre=pre, pre_dir=pre_dir, signalled_at_step=step)
 
 

@@ -103,14 +103,39 @@ def rank_processes(job: int) -> list[int]:
     return pids
 
 
+def preempt_after(slurm_cluster, cwd: Path, job: int, run_dir: Path, step: int, timeout: float) -> int:
+    """Send the USR1 preemption notice to `job`'s batch shell once `run_dir` has logged `step`; the
+    step logged when it was sent. The ranks are paused (SIGSTOP) while the notice travels (batch shell
+    -> stop file -> task wrapper -> USR1 to each rank) and resumed once rank 0's wrapper reports the
+    delivery, so the stop lands mid-run however fast the tiny steps are."""
+    deadline = time.monotonic() + timeout
+    while max_logged_step(run_dir) < step:
+        info = slurm_cluster.job_info(job)
+        assert info.get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), (info, job_log(cwd, job))
+        assert time.monotonic() < deadline, f"no step {step} after {timeout} s\n{job_log(cwd, job)}"
+        time.sleep(0.05)
+    ranks = rank_processes(job)
+    assert len(ranks) == 2, (ranks, job_log(cwd, job))
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        signalled = max_logged_step(run_dir)
+        slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
+        deadline = time.monotonic() + 60
+        while "stop requested: SIGUSR1 to every rank" not in job_log(cwd, job):
+            assert time.monotonic() < deadline, f"stop request not delivered\n{job_log(cwd, job)}"
+            time.sleep(0.1)
+    finally:
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    return signalled
+
+
 @pytest.fixture(scope="module")
 def jobs(slurm_cluster):
     """Submit the reference job and the job to preempt together (same config, 2 ranks each), then
-    send the USR1 preemption notice to the second one's batch shell once it has logged step 2.
-
-    The tiny steps can take a few ms on an idle machine, so the ranks are paused (SIGSTOP) while
-    the notice travels (batch shell -> stop file -> task wrapper -> USR1 to each rank) and resumed
-    once rank 0's wrapper reports the delivery: the stop then lands mid-run on any machine."""
+    send the USR1 preemption notice to the second one once it has logged step 2 (`preempt_after`)."""
     cwd = slurm_cluster.jobs_dir / "train_jobs"
     cwd.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load((REPO / "examples" / "tiny_cpu.yaml").read_text())
@@ -120,27 +145,7 @@ def jobs(slurm_cluster):
     ref = submit(slurm_cluster, cwd, TWO_RANKS, ["--stage", "sft", "tiny.yaml", *TINY])
     pre_dir = cwd / "preempted-run"
     pre = submit(slurm_cluster, cwd, TWO_RANKS, ["--stage", "sft", "tiny.yaml", *TINY, f"run_dir={pre_dir}"])
-    deadline = time.monotonic() + 240
-    while max_logged_step(pre_dir) < 2:
-        info = slurm_cluster.job_info(pre)
-        assert info.get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), (info, job_log(cwd, pre))
-        assert time.monotonic() < deadline, f"no step 2 after 240 s\n{job_log(cwd, pre)}"
-        time.sleep(0.05)
-    ranks = rank_processes(pre)
-    assert len(ranks) == 2, (ranks, job_log(cwd, pre))
-    for pid in ranks:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        step = max_logged_step(pre_dir)
-        slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(pre)])
-        deadline = time.monotonic() + 60
-        while "stop requested: SIGUSR1 to every rank" not in job_log(cwd, pre):
-            assert time.monotonic() < deadline, f"stop request not delivered\n{job_log(cwd, pre)}"
-            time.sleep(0.1)
-    finally:
-        for pid in ranks:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+    step = preempt_after(slurm_cluster, cwd, pre, pre_dir, 2, timeout=240)
     return dict(
         cwd=cwd,
         t0=t0,
